@@ -1,0 +1,1 @@
+"""v4jax: DeepSeek-V4 in JAX."""
