@@ -1,1 +1,7 @@
-"""v4jax: DeepSeek-V4 in JAX."""
+"""v4jax: DeepSeek-V4 (Flash / Pro) in JAX."""
+from .config import ModelConfig
+from .model import block_forward, decode_step, forward, init_cache, mtp_forward, prefill
+from .params import abstract_params, init_params
+
+__all__ = ["ModelConfig", "abstract_params", "init_params", "forward", "block_forward", "mtp_forward", "prefill",
+           "decode_step", "init_cache"]

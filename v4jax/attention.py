@@ -1,0 +1,190 @@
+"""Hybrid attention (spec 2.5): a 128-token sliding window plus CSA (indexer top-k) or HCA (all) compressed
+entries, one softmax with a per-head sink, then inverse RoPE and the grouped output projection.
+
+Prefill attends over the pool [S raw KV rows | S//m compressed entries]; decode over [W-slot ring | compressed
+cache]. Which pool rows a query may read is given entirely by its index list (-1 = masked), so causality and the
+completion rule `entry j visible at t iff j < (t + 1) // m` live in the index sets built here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.sparse_attention import sparse_attention
+
+from . import compressor, indexer
+from .config import ModelConfig
+from .layers import act_dtype, apply_rope, linear_fp8, rms_norm, rope_table, weight
+
+f32 = jnp.float32
+
+
+# ---- index sets ---------------------------------------------------------------------------------------
+def window_idx_prefill(S: int, W: int) -> jax.Array:
+    """[S, min(S, W)]: tokens max(0, t-W+1) .. t in ascending order, -1 padded at the end."""
+    t = jnp.arange(S)[:, None]
+    j = jnp.maximum(t - W + 1, 0) + jnp.arange(min(S, W))[None, :]
+    return jnp.where(j > t, -1, j).astype(jnp.int32)
+
+
+def window_idx_decode(pos: jax.Array, W: int) -> jax.Array:
+    """pos [B] -> ring slots [B, W], oldest to newest, -1 for slots not yet written."""
+    i = jnp.arange(W)[None, :]
+    p = pos[:, None]
+    return jnp.where(p >= W - 1, (p + 1 + i) % W, jnp.where(i <= p, i, -1)).astype(jnp.int32)
+
+
+def all_entries_idx(n_visible: jax.Array, C: int) -> jax.Array:
+    """HCA: every completed entry, ascending: [..., C] with -1 where j >= n_visible."""
+    j = jnp.arange(C)
+    return jnp.where(j < n_visible[..., None], j, -1).astype(jnp.int32)
+
+
+def _offset(idx: jax.Array, off: int) -> jax.Array:
+    return jnp.where(idx >= 0, idx + off, -1)
+
+
+# ---- shared pieces ------------------------------------------------------------------------------------
+def _head_norm(q: jax.Array, eps: float) -> jax.Array:
+    """Weightless per-head RMS normalisation, as ops in q's dtype (the reference does it in bf16)."""
+    return q * jax.lax.rsqrt(jnp.mean(jnp.square(q), axis=-1, keepdims=True) + eps)
+
+
+def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+    """x [B, S, d] -> qr [B,S,q_lora], q [B,S,H,hd], kv [B,S,hd] (RoPE'd; kv FP8-simulated)."""
+    B, S, _ = x.shape
+    qr = rms_norm(linear_fp8(cfg, p["wq_a"], x), p["q_norm"]["weight"], cfg.rms_norm_eps)
+    q = linear_fp8(cfg, p["wq_b"], qr).reshape(B, S, cfg.num_attention_heads, cfg.head_dim)
+    q = apply_rope(_head_norm(q, cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+    kv = rms_norm(linear_fp8(cfg, p["wkv"], x), p["kv_norm"]["weight"], cfg.rms_norm_eps)
+    kv = compressor.kv_quant_sim(cfg, apply_rope(kv, cos, sin))
+    return qr, q, kv
+
+
+def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
+    """o [B,S,H,hd] -> inverse RoPE -> per-group wo_a (bf16 einsum) -> wo_b (FP8 linear) -> [B,S,d]."""
+    B, S, H, hd = o.shape
+    g = cfg.o_groups
+    o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
+    dt = act_dtype(cfg)
+    wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
+    o = jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32).astype(dt)
+    return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
+
+
+def _attend(cfg: ModelConfig, p: dict, q, pool, idx):
+    return sparse_attention(q, pool, idx, p["attn_sink"].astype(f32), cfg.head_dim ** -0.5)
+
+
+# ---- prefill ------------------------------------------------------------------------------------------
+def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_len: int | None = None):
+    """x [B, S, d] (normed block input) -> (out [B, S, d], cache dict for decode or None)."""
+    B, S, _ = x.shape
+    m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
+    cos, sin = rope_table(jnp.arange(S)[None, :], inv_freq)
+    qr, q, kv = _qkv(cfg, p, x, cos, sin)
+    idx = jnp.broadcast_to(window_idx_prefill(S, W), (B, S, min(S, W)))
+    pool = kv
+    cache = {}
+    if m:
+        n = S // m
+        n_visible = jnp.arange(1, S + 1) // m                                             # [S]
+        entries, state = compressor.prefill(cfg, p["compressor"], x, m, hd, inv_freq)
+        cache.update(comp_entries=entries, comp_state=state)
+        if n:
+            if m == 4:
+                keys, istate = compressor.prefill(cfg, p["indexer"]["compressor"], x, m,
+                                                  cfg.index_head_dim, inv_freq, indexer=True)
+                qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
+                cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible[None, :], min(cfg.index_topk, n))
+                cache.update(index_keys=keys, index_state=istate)
+            else:
+                cidx = jnp.broadcast_to(all_entries_idx(n_visible, n), (B, S, n))
+            pool = jnp.concatenate([kv, entries], axis=1)
+            idx = jnp.concatenate([idx, _offset(cidx, S)], axis=-1)
+        elif m == 4:
+            keys, istate = compressor.prefill(cfg, p["indexer"]["compressor"], x, m, cfg.index_head_dim,
+                                              inv_freq, indexer=True)
+            cache.update(index_keys=keys, index_state=istate)
+    o = _attend(cfg, p, q, pool, idx)
+    out = _output(cfg, p, o, cos, sin)
+    if max_len is None:
+        return out, None
+    return out, _prefill_cache(cfg, layer, kv, cache, S, max_len)
+
+
+def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int) -> dict:
+    """Empty decode state of one layer (spec 3.1)."""
+    m, W, hd, dt = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim, act_dtype(cfg)
+    c = {"window": jnp.zeros((batch, W, hd), dt)}
+    if m:
+        rows, ch = compressor.state_shape(m, hd)
+        c["comp"] = jnp.zeros((batch, -(-max_len // m), hd), dt)
+        c["comp_kv"] = jnp.zeros((batch, rows, ch), f32)
+        c["comp_score"] = jnp.full((batch, rows, ch), -jnp.inf, f32)
+    if m == 4:
+        dI = cfg.index_head_dim
+        rows, ch = compressor.state_shape(m, dI)
+        c["index_keys"] = jnp.zeros((batch, -(-max_len // m), dI), dt)
+        c["index_kv"] = jnp.zeros((batch, rows, ch), f32)
+        c["index_score"] = jnp.full((batch, rows, ch), -jnp.inf, f32)
+    return c
+
+
+def _prefill_cache(cfg: ModelConfig, layer: int, kv, parts: dict, S: int, max_len: int) -> dict:
+    B = kv.shape[0]
+    W = cfg.sliding_window
+    c = init_cache(cfg, layer, B, max_len)
+    last = jnp.arange(max(S - W, 0), S)
+    c["window"] = c["window"].at[:, last % W].set(kv[:, last])
+    if "comp_entries" in parts:
+        n = parts["comp_entries"].shape[1]
+        c["comp"] = c["comp"].at[:, :n].set(parts["comp_entries"])
+        c["comp_kv"], c["comp_score"] = parts["comp_state"]
+    if "index_keys" in parts:
+        n = parts["index_keys"].shape[1]
+        c["index_keys"] = c["index_keys"].at[:, :n].set(parts["index_keys"])
+        c["index_kv"], c["index_score"] = parts["index_state"]
+    return c
+
+
+# ---- decode -------------------------------------------------------------------------------------------
+def _write(buf: jax.Array, slot: jax.Array, row: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """buf [B, N, D]; per sequence write row [B, D] at slot [B] (where mask, if given)."""
+    if mask is not None:
+        row = jnp.where(mask[:, None], row, buf[jnp.arange(buf.shape[0]), slot])
+    return jax.vmap(lambda b, i, r: b.at[i].set(r))(buf, slot, row)
+
+
+def decode(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, pos: jax.Array, c: dict, inv_freq):
+    """One token per sequence: x [B, 1, d], pos [B] -> (out [B, 1, d], new layer cache)."""
+    m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
+    cos, sin = rope_table(pos[:, None], inv_freq)
+    qr, q, kv = _qkv(cfg, p, x, cos, sin)
+    c = dict(c)
+    c["window"] = _write(c["window"], pos % W, kv[:, 0])
+    pool, idx = c["window"], window_idx_decode(pos, W)
+    if m:
+        x0 = x[:, 0]
+        n_visible = (pos + 1) // m
+        if m == 4:  # the indexer runs first: its compressor may complete a key this step
+            key, done, st = compressor.decode(cfg, p["indexer"]["compressor"], x0, pos,
+                                              (c["index_kv"], c["index_score"]), m, cfg.index_head_dim,
+                                              inv_freq, indexer=True)
+            c["index_keys"] = _write(c["index_keys"], pos // m, key, done)
+            c["index_kv"], c["index_score"] = st
+        entry, done, st = compressor.decode(cfg, p["compressor"], x0, pos, (c["comp_kv"], c["comp_score"]),
+                                            m, hd, inv_freq)
+        c["comp"] = _write(c["comp"], pos // m, entry, done)
+        c["comp_kv"], c["comp_score"] = st
+        C = c["comp"].shape[1]
+        if m == 4:
+            qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
+            s = indexer.scores(qI, w, c["index_keys"])[:, 0]
+            cidx = indexer.topk(s, n_visible, min(cfg.index_topk, C))
+        else:
+            cidx = all_entries_idx(n_visible, C)
+        pool = jnp.concatenate([pool, c["comp"]], axis=1)
+        idx = jnp.concatenate([idx, _offset(cidx, W)], axis=-1)
+    o = _attend(cfg, p, q, pool, idx[:, None, :])
+    return _output(cfg, p, o, cos, sin), c

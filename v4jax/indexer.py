@@ -1,0 +1,49 @@
+"""Lightning indexer (spec 2.7): scores every completed CSA entry for each query and keeps the top-k.
+
+    I[t, s] = sum_h w[t, h] * ReLU(q_I[t, h] . K_I[s]),   w = weights_proj(x) / sqrt(index_head_dim * n_heads)
+computed with bf16 tensors as the reference does (score einsum output, ReLU, weighting, head sum rounded to bf16).
+Queries are RoPE'd on their last dims, Hadamard-rotated and FP4-simulated; keys come from the indexer's own
+compressor (compressor.py with indexer=True).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+from .config import ModelConfig
+from .layers import act_dtype, apply_rope, linear_bf16, linear_fp8
+
+f32 = jnp.float32
+
+
+def queries(cfg: ModelConfig, p: dict, x: jax.Array, qr: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """x [B, S, d], qr [B, S, q_lora] -> (q_I [B, S, nI, dI], head weights w [B, S, nI])."""
+    nI, dI = cfg.index_n_heads, cfg.index_head_dim
+    q = linear_fp8(cfg, p["wq_b"], qr).reshape(qr.shape[:-1] + (nI, dI))
+    q = apply_rope(q, cos[..., None, :], sin[..., None, :])
+    q = quant.hadamard(q)
+    if cfg.quant_sim:
+        q = quant.fp4_sim(q, 32)
+    w = linear_bf16(cfg, p["weights_proj"], x) * (dI ** -0.5 * nI ** -0.5)
+    return q, w
+
+
+def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
+    """q [B, S, nI, dI], w [B, S, nI], keys [B, C, dI] -> index scores [B, S, C] (activation dtype)."""
+    dt = q.dtype
+    s = jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32).astype(dt)
+    s = jax.nn.relu(s) * w[..., None]
+    return jnp.sum(s.astype(f32), axis=2).astype(dt)
+
+
+def topk(index_scores: jax.Array, n_visible: jax.Array, k: int) -> jax.Array:
+    """Top-k entries among the visible ones (entry j visible iff j < n_visible[..., None]); -1 pads.
+
+    index_scores [..., C], n_visible broadcastable to index_scores.shape[:-1] -> int32 [..., k], sorted by score.
+    """
+    C = index_scores.shape[-1]
+    visible = jnp.arange(C) < n_visible[..., None]
+    s = jnp.where(visible, index_scores.astype(f32), -jnp.inf)
+    _, idx = jax.lax.top_k(s, k)
+    return jnp.where(idx < n_visible[..., None], idx, -1).astype(jnp.int32)

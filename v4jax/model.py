@@ -1,0 +1,167 @@
+"""The DeepSeek-V4 transformer: embedding, mHC-wrapped blocks (attention + MoE), head, MTP; prefill and decode.
+
+Dimension letters used in shape comments:
+  B batch, S sequence (tokens in this call), D model dim (hidden_size), V vocab, n hc_mult residual streams,
+  H query heads, K head dim (512), Q q_lora_rank, E routed experts, k experts per token, F expert width,
+  W sliding window (128), m compression ratio (4 CSA, 128 HCA), C compressed entries (S//m), T index-list length.
+Mesh axes (sharding.py): data, expert, seq, tensor.
+
+Public entry points (all jit-compiled, `cfg` static):
+  forward(cfg, params, tokens)                       int32 [B,S] -> float32 logits [B,S,V]
+  forward(..., return_hidden=True)                   also the streams after every block [L,B,S,n,D]
+  block_forward(cfg, params, layer, streams, tokens) one block on given streams
+  mtp_forward(cfg, params, streams, next_tokens)     MTP logits from the final streams and tokens shifted by one
+  prefill(cfg, params, tokens, max_len)              logits of every position + decode cache
+  decode_step(cfg, params, cache, token)             token [B] -> logits [B,V] + cache
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from . import attention
+from .config import ModelConfig
+from .hyper import hc_head, hc_post, hc_pre
+from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
+from .moe import moe
+
+f32 = jnp.float32
+
+
+def block_params(params: dict, cfg: ModelConfig, layer: int) -> dict:
+    """Parameters of block `layer` (layer == num_hidden_layers + j is MTP block j)."""
+    if layer < cfg.n_layers:
+        return params["layers"][str(layer)]
+    return params["mtp"][str(layer - cfg.n_layers)]
+
+
+def _hc(cfg: ModelConfig, p: dict, sub: str, X):
+    return hc_pre(X, p[f"hc_{sub}_fn"], p[f"hc_{sub}_scale"], p[f"hc_{sub}_base"], norm_eps=cfg.rms_norm_eps,
+                  hc_eps=cfg.hc_eps, iters=cfg.hc_sinkhorn_iters)
+
+
+def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens):
+    y, post, comb = _hc(cfg, p, "ffn", X)
+    f = moe(cfg, p["ffn"], layer, rms_norm(y, p["ffn_norm"]["weight"], cfg.rms_norm_eps), tokens)
+    return hc_post(X, f, post, comb)
+
+
+def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None):
+    """X [B,S,n,D] -> (X', layer cache or None). Prefill semantics (positions 0..S-1)."""
+    y, post, comb = _hc(cfg, p, "attn", X)
+    a, cache = attention.prefill(cfg, p["attn"], layer, rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps),
+                                 rope_inv_freq(cfg, layer), max_len)
+    X = hc_post(X, a, post, comb)
+    return _ffn(cfg, p, layer, X, tokens), cache
+
+
+def _block_decode(cfg: ModelConfig, p: dict, layer: int, X, token, pos, c):
+    y, post, comb = _hc(cfg, p, "attn", X)
+    a, c = attention.decode(cfg, p["attn"], layer, rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps), pos,
+                            c, rope_inv_freq(cfg, layer))
+    X = hc_post(X, a, post, comb)
+    return _ffn(cfg, p, layer, X, token), c
+
+
+def _embed(cfg: ModelConfig, params: dict, tokens):
+    h = params["embed"]["weight"][tokens].astype(act_dtype(cfg))               # [B,S,D]
+    return jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (cfg.hc_mult, cfg.dim))
+
+
+def _head(cfg: ModelConfig, p: dict, head_w, X):
+    y = hc_head(X, p["hc_head_fn"], p["hc_head_scale"], p["hc_head_base"], norm_eps=cfg.rms_norm_eps,
+                hc_eps=cfg.hc_eps)
+    y = rms_norm(y, p["norm"]["weight"], cfg.rms_norm_eps)
+    return linear_f32(head_w, y)
+
+
+def _check_tokens(cfg: ModelConfig, tokens) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [B, S], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+
+
+@partial(jax.jit, static_argnums=(0,), static_argnames=("return_hidden",))
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, return_hidden: bool = False):
+    """int [B, S] -> float32 logits [B, S, V] at every position (and, if asked, the streams after each block)."""
+    _check_tokens(cfg, tokens)
+    X = _embed(cfg, params, tokens)
+    hidden = []
+    for i in range(cfg.n_layers):
+        X, _ = _block(cfg, params["layers"][str(i)], i, X, tokens)
+        hidden.append(X)
+    logits = _head(cfg, params, params["head"], X)
+    if return_hidden:
+        return logits, jnp.stack(hidden)
+    return logits
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def block_forward(cfg: ModelConfig, params: dict, layer: int, streams: jax.Array, tokens: jax.Array):
+    """Run block `layer` (MTP blocks: num_hidden_layers + j) on streams [B,S,n,D] -> streams."""
+    return _block(cfg, block_params(params, cfg, layer), layer, streams.astype(act_dtype(cfg)), tokens)[0]
+
+
+@partial(jax.jit, static_argnums=(0,))
+def mtp_forward(cfg: ModelConfig, params: dict, streams: jax.Array, next_tokens: jax.Array):
+    """MTP block 0: final main-model streams [B,S,n,D] and the ids it embeds (position i gets token i+1;
+    the caller shifts) -> float32 logits [B,S,V] predicting token i+2."""
+    layer = cfg.n_layers
+    p = block_params(params, cfg, layer)
+    e = rms_norm(params["embed"]["weight"][next_tokens].astype(act_dtype(cfg)), p["enorm"]["weight"],
+                 cfg.rms_norm_eps)
+    h = rms_norm(streams.astype(act_dtype(cfg)), p["hnorm"]["weight"], cfg.rms_norm_eps)
+    X = linear_fp8(cfg, p["e_proj"], e)[..., None, :] + linear_fp8(cfg, p["h_proj"], h)
+    X, _ = _block(cfg, p, layer, X, next_tokens)
+    return _head(cfg, p, params["head"], X)
+
+
+# ---- incremental decode -------------------------------------------------------------------------------
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """An empty decode cache: per layer window ring, compressed entries, compressor tails, indexer keys."""
+    return {"pos": jnp.zeros((batch,), jnp.int32),
+            "layers": [attention.init_cache(cfg, i, batch, max_len) for i in range(cfg.n_layers)]}
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int):
+    X = _embed(cfg, params, tokens)
+    caches = []
+    for i in range(cfg.n_layers):
+        X, c = _block(cfg, params["layers"][str(i)], i, X, tokens, max_len)
+        caches.append(c)
+    logits = _head(cfg, params, params["head"], X)
+    pos = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return logits, {"pos": pos, "layers": caches}
+
+
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int):
+    """Run the prompt [B, S] (positions 0..S-1) -> (logits [B, S, V], cache for `decode_step`).
+
+    `max_len` bounds the total length (prompt + generated tokens) the cache can hold."""
+    _check_tokens(cfg, tokens)
+    S = tokens.shape[1]
+    if S > max_len:
+        raise ValueError(f"prompt has {S} tokens, more than max_len={max_len}")
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    return _prefill(cfg, params, tokens, int(max_len))
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def decode_step(cfg: ModelConfig, params: dict, cache: dict, token: jax.Array):
+    """One new token per sequence [B] at position cache["pos"] -> (logits [B, V], updated cache).
+
+    The caller must keep cache["pos"] below the max_len the cache was built with."""
+    pos = cache["pos"]
+    tok = token.astype(jnp.int32)[:, None]
+    X = _embed(cfg, params, tok)
+    layers = []
+    for i in range(cfg.n_layers):
+        X, c = _block_decode(cfg, params["layers"][str(i)], i, X, tok, pos, cache["layers"][i])
+        layers.append(c)
+    logits = _head(cfg, params, params["head"], X)[:, 0]
+    return logits, {"pos": pos + 1, "layers": layers}

@@ -1,0 +1,101 @@
+"""Mixture of experts (spec 2.8): sqrt-softplus gate, hash or bias-corrected top-k routing, clamped SwiGLU.
+
+Gate in fp32: a = sqrt(softplus(x W_g^T)). Score-routed layers select the top-k of a + bias (the bias only
+selects); hash layers take the experts `tid2eid[token]`. Weights are the selected a, normalised to sum 1, times
+`routed_scaling_factor`. Every expert (routed and shared) is SwiGLU with FP8-GEMM linears and the clamp
+(up to [-limit, limit], gate <= limit); a routed expert's weight multiplies its hidden state before the down
+projection. Routed outputs (bf16) are summed in fp32 in ascending expert id, then the shared expert is added.
+
+`experts_reference` is the one reference dispatch: assignments sorted by expert and run as grouped matmuls with
+`jax.lax.ragged_dot`. Faster backends plug in behind `routed_experts`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+from .config import ModelConfig
+from .layers import act_dtype, linear_f32, linear_fp8, weight
+
+f32 = jnp.float32
+
+
+def route(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array):
+    """x [T, d], tokens [T] -> (expert ids [T, k] int32, weights [T, k] fp32, gate scores a [T, E] fp32)."""
+    a = jnp.sqrt(jax.nn.softplus(linear_f32(p, x)))
+    if "tid2eid" in p:
+        ids = p["tid2eid"][tokens].astype(jnp.int32)
+    else:
+        _, ids = jax.lax.top_k(a + p["bias"].astype(f32), cfg.num_experts_per_tok)
+    w = jnp.take_along_axis(a, ids, axis=-1)
+    w = w / jnp.sum(w, axis=-1, keepdims=True) * cfg.routed_scaling_factor
+    return ids.astype(jnp.int32), w, a
+
+
+def swiglu(cfg: ModelConfig, g: jax.Array, u: jax.Array, w: jax.Array | None = None) -> jax.Array:
+    """fp32 clamped SwiGLU of the bf16 projections; optional routing weight; result in activation dtype."""
+    lim = cfg.swiglu_limit
+    g, u = g.astype(f32), u.astype(f32)
+    if lim > 0:
+        u = jnp.clip(u, -lim, lim)
+        g = jnp.minimum(g, lim)
+    h = jax.nn.silu(g) * u
+    if w is not None:
+        h = w[..., None] * h
+    return h.astype(act_dtype(cfg))
+
+
+def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    h = swiglu(cfg, linear_fp8(cfg, p["w1"], x), linear_fp8(cfg, p["w3"], x))
+    return linear_fp8(cfg, p["w2"], h)
+
+
+def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    """x [N, in] sorted by group, w [E, out, in] -> [N, out] fp32 (fp32 accumulation)."""
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=f32)
+
+
+def experts_reference(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """x [T, d], ids/w [T, k] -> per-assignment expert outputs [T, k, d] (activation dtype)."""
+    T, k = ids.shape
+    E = cfg.n_routed_experts
+    dt = act_dtype(cfg)
+    x = x.astype(dt)
+    if cfg.quant_sim:
+        x = quant.fp8_sim(x, 128)
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[order // k]
+    g = _grouped(xs, weight(p["w1"], dt), sizes).astype(dt)
+    u = _grouped(xs, weight(p["w3"], dt), sizes).astype(dt)
+    h = swiglu(cfg, g, u, w.reshape(-1)[order])
+    if cfg.quant_sim:
+        h = quant.fp8_sim(h, 128)
+    out = _grouped(h, weight(p["w2"], dt), sizes).astype(dt)
+    return jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)
+
+
+def routed_experts(cfg: ModelConfig, p: dict, x, ids, w, *, backend: str | None = None):
+    backend = backend or "reference"
+    if backend != "reference":
+        raise ValueError(f"routed_experts: unknown backend {backend!r}")
+    return experts_reference(cfg, p, x, ids, w)
+
+
+def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array) -> jax.Array:
+    """x [B, S, d] (normed), tokens [B, S] -> [B, S, d]."""
+    B, S, d = x.shape
+    xt, tt = x.reshape(B * S, d), tokens.reshape(B * S)
+    ids, w, _ = route(cfg, p["gate"], layer, xt, tt)
+    outs = routed_experts(cfg, p["experts"], xt, ids, w)
+    # fp32 sum in ascending expert id, as the reference visits experts
+    order = jnp.argsort(ids, axis=-1)
+    outs = jnp.take_along_axis(outs, order[..., None], axis=1)
+    y = outs[:, 0].astype(f32)
+    for j in range(1, outs.shape[1]):
+        y = y + outs[:, j].astype(f32)
+    if "shared_experts" in p:
+        y = y + shared_expert(cfg, p["shared_experts"], xt).astype(f32)
+    return y.astype(act_dtype(cfg)).reshape(B, S, d)

@@ -1,0 +1,266 @@
+"""Every parameter of the model, declared once.
+
+`declare(cfg)` lists each parameter under its checkpoint name (`layers.3.attn.wq_a.weight`, ...) with its shape,
+logical axes, checkpoint storage and initializer. Abstract shapes (`abstract_params`), random init (`init_params`)
+and the logical axes used by sharding all come from this one table.
+
+Storage kinds (how the official checkpoint holds a weight):
+  "fp8"  FP8 e4m3 `[out, in]` + `.scale` E8M0 `[ceil(out/128), ceil(in/128)]`
+  "fp4"  packed E2M1 int8 `[out, in/2]` + `.scale` E8M0 `[out, in/32]` (routed experts)
+  else   the plain dtype ("bf16", "f32", "i32"); `tid2eid` is I64 in the files, int32 in memory.
+Routed experts are stacked on a leading expert axis (`layers.L.ffn.experts.w1.weight` `[E, out, in]`); see
+`checkpoint.official_view` for the per-expert names.
+
+With dtype="native" a quantized weight becomes the pair `X.weight`, `X.scale`; with dtype="bf16" it is one bf16
+`X.weight` holding the dequantized values.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import quant
+from .config import ModelConfig
+
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "i32": jnp.int32}
+
+
+@dataclass(frozen=True)
+class Param:
+    shape: tuple[int, ...]        # logical (dequantized) shape
+    storage: str                  # "fp8" | "fp4" | "bf16" | "f32" | "i32"
+    axes: tuple[str | None, ...]  # logical axis names, one per dim (see sharding.py)
+    init: str                     # "normal" (std 1/sqrt(fan_in)) | "ones" | "zeros" | "small" | "sink" | "hash"
+
+
+def _lin(out: int, inp: int, storage: str, axes: tuple[str | None, str | None]) -> Param:
+    return Param((out, inp), storage, axes, "normal")
+
+
+def _block(cfg: ModelConfig, layer: int, prefix: str, experts_storage: str, lin: str) -> dict[str, Param]:
+    d, H, hd, hc = cfg.dim, cfg.num_attention_heads, cfg.head_dim, cfg.hc_mult
+    m = cfg.ratio(layer)
+    g, E, F = cfg.o_groups, cfg.n_routed_experts, cfg.moe_intermediate_size
+    p: dict[str, Param] = {}
+    for sub in ("attn", "ffn"):
+        p[f"hc_{sub}_fn"] = Param(((2 + hc) * hc, hc * d), "f32", ("hc_mix", "hc_embed"), "small")
+        p[f"hc_{sub}_base"] = Param(((2 + hc) * hc,), "f32", ("hc_mix",), "hc_base")
+        p[f"hc_{sub}_scale"] = Param((3,), "f32", (None,), "hc_scale")
+    p["attn_norm.weight"] = Param((d,), "bf16", ("embed",), "ones")
+    p["ffn_norm.weight"] = Param((d,), "bf16", ("embed",), "ones")
+    a = "attn."
+    p[a + "attn_sink"] = Param((H,), "f32", ("heads",), "sink")
+    p[a + "q_norm.weight"] = Param((cfg.q_lora_rank,), "bf16", (None,), "ones")
+    p[a + "kv_norm.weight"] = Param((hd,), "bf16", (None,), "ones")
+    p[a + "wq_a.weight"] = _lin(cfg.q_lora_rank, d, lin, (None, "embed"))
+    p[a + "wq_b.weight"] = _lin(H * hd, cfg.q_lora_rank, lin, ("q_heads", None))
+    p[a + "wkv.weight"] = _lin(hd, d, lin, (None, "embed"))
+    p[a + "wo_a.weight"] = _lin(g * cfg.o_lora_rank, H * hd // g, lin, ("o_groups", None))
+    p[a + "wo_b.weight"] = _lin(d, g * cfg.o_lora_rank, lin, ("embed", "o_groups"))
+    if m:
+        c = 2 if m == 4 else 1
+        cp = a + "compressor."
+        p[cp + "ape"] = Param((m, c * hd), "f32", (None, None), "small")
+        p[cp + "wkv.weight"] = Param((c * hd, d), "bf16", (None, "embed"), "normal")
+        p[cp + "wgate.weight"] = Param((c * hd, d), "bf16", (None, "embed"), "normal")
+        p[cp + "norm.weight"] = Param((hd,), "bf16", (None,), "ones")
+    if m == 4:
+        ip, nI, dI = a + "indexer.", cfg.index_n_heads, cfg.index_head_dim
+        p[ip + "wq_b.weight"] = _lin(nI * dI, cfg.q_lora_rank, lin, ("index_heads", None))
+        p[ip + "weights_proj.weight"] = Param((nI, d), "bf16", ("index_heads", "embed"), "normal")
+        p[ip + "compressor.ape"] = Param((4, 2 * dI), "f32", (None, None), "small")
+        p[ip + "compressor.wkv.weight"] = Param((2 * dI, d), "bf16", (None, "embed"), "normal")
+        p[ip + "compressor.wgate.weight"] = Param((2 * dI, d), "bf16", (None, "embed"), "normal")
+        p[ip + "compressor.norm.weight"] = Param((dI,), "bf16", (None,), "ones")
+    f = "ffn."
+    p[f + "gate.weight"] = Param((E, d), "bf16", ("expert", "embed"), "normal")
+    if cfg.is_hash_layer(layer) and layer < cfg.n_layers:
+        p[f + "gate.tid2eid"] = Param((cfg.vocab_size, cfg.num_experts_per_tok), "i32", ("vocab", None), "hash")
+    else:
+        p[f + "gate.bias"] = Param((E,), "f32", ("expert",), "small")
+    for w, shape in (("w1", (F, d)), ("w3", (F, d)), ("w2", (d, F))):
+        ax = ("mlp", "embed") if w != "w2" else ("embed", "mlp")
+        p[f + f"experts.{w}.weight"] = Param((E,) + shape, experts_storage, ("expert",) + ax, "normal")
+        p[f + f"shared_experts.{w}.weight"] = Param(shape, lin, ax, "normal")
+    return {prefix + k: v for k, v in p.items()}
+
+
+def declare(cfg: ModelConfig) -> dict[str, Param]:
+    """The full parameter table, in checkpoint order, keyed by checkpoint name (experts stacked)."""
+    d, hc, V = cfg.dim, cfg.hc_mult, cfg.vocab_size
+    lin = "fp8" if cfg.quantized else "bf16"
+    experts = cfg.expert_dtype if cfg.quantized else "bf16"
+    p: dict[str, Param] = {"embed.weight": Param((V, d), "bf16", ("vocab", "embed"), "embed")}
+    for i in range(cfg.n_layers):
+        p.update(_block(cfg, i, f"layers.{i}.", experts, lin))
+    for j in range(cfg.n_mtp):
+        pre = f"mtp.{j}."
+        p.update(_block(cfg, cfg.n_layers + j, pre, experts, lin))
+        p[pre + "e_proj.weight"] = _lin(d, d, lin, ("embed_out", "embed"))
+        p[pre + "h_proj.weight"] = _lin(d, d, lin, ("embed_out", "embed"))
+        for n in ("enorm", "hnorm", "norm"):
+            p[pre + f"{n}.weight"] = Param((d,), "bf16", ("embed",), "ones")
+        p[pre + "hc_head_fn"] = Param((hc, hc * d), "f32", (None, "hc_embed"), "small")
+        p[pre + "hc_head_base"] = Param((hc,), "f32", (None,), "hc_base")
+        p[pre + "hc_head_scale"] = Param((1,), "f32", (None,), "hc_scale")
+    p["norm.weight"] = Param((d,), "bf16", ("embed",), "ones")
+    p["head.weight"] = Param((V, d), "bf16", ("vocab", "embed"), "normal")
+    p["hc_head_fn"] = Param((hc, hc * d), "f32", (None, "hc_embed"), "small")
+    p["hc_head_base"] = Param((hc,), "f32", (None,), "hc_base")
+    p["hc_head_scale"] = Param((1,), "f32", (None,), "hc_scale")
+    return p
+
+
+# ---- storage -> arrays -------------------------------------------------------------------------------
+def _scale_shape(shape: tuple[int, ...], storage: str) -> tuple[int, ...]:
+    *lead, out, inp = shape
+    if storage == "fp8":
+        return (*lead, math.ceil(out / 128), math.ceil(inp / 128))
+    return (*lead, out, math.ceil(inp / 32))
+
+
+def stored_leaves(name: str, p: Param, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays one declared parameter becomes: {name: struct} or {X.weight: ..., X.scale: ...}."""
+    if p.storage in ("fp8", "fp4") and dtype == "native":
+        base = name[: -len(".weight")]
+        if p.storage == "fp8":
+            w = jax.ShapeDtypeStruct(p.shape, jnp.float8_e4m3fn)
+        else:
+            w = jax.ShapeDtypeStruct(p.shape[:-1] + (p.shape[-1] // 2,), jnp.int8)
+        return {name: w, base + ".scale": jax.ShapeDtypeStruct(_scale_shape(p.shape, p.storage),
+                                                               jnp.float8_e8m0fnu)}
+    if p.storage in ("fp8", "fp4"):
+        return {name: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)}
+    return {name: jax.ShapeDtypeStruct(p.shape, DTYPES[p.storage])}
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("native", "bf16"):
+        raise ValueError(f"dtype must be 'native' or 'bf16', got {dtype!r}")
+
+
+def abstract_flat(cfg: ModelConfig, dtype: str = "native") -> dict[str, jax.ShapeDtypeStruct]:
+    _check_dtype(dtype)
+    out: dict[str, jax.ShapeDtypeStruct] = {}
+    for name, p in declare(cfg).items():
+        out.update(stored_leaves(name, p, dtype))
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'a.b.c': x} -> {'a': {'b': {'c': x}}} (the params pytree)."""
+    tree: dict[str, Any] = {}
+    for name, v in flat.items():
+        node = tree
+        *path, leaf = name.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[leaf] = v
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of unflatten: join keys with '.'."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def abstract_params(cfg: ModelConfig, dtype: str = "native") -> dict[str, Any]:
+    """ShapeDtypeStruct pytree of the parameters; no memory is allocated."""
+    return unflatten(abstract_flat(cfg, dtype))
+
+
+def logical_axes(cfg: ModelConfig, dtype: str = "native") -> dict[str, Any]:
+    """Pytree (same structure as params) of logical axis-name tuples; scales share their weight's axes."""
+    flat: dict[str, Any] = {}
+    for name, p in declare(cfg).items():
+        for leaf in stored_leaves(name, p, dtype):
+            flat[leaf] = p.axes
+    return unflatten(flat)
+
+
+# ---- random init ---------------------------------------------------------------------------------------
+def _init_value(cfg: ModelConfig, name: str, p: Param, key) -> jax.Array:
+    f32 = jnp.float32
+    if p.init == "ones":
+        return jnp.ones(p.shape, f32)
+    if p.init == "zeros":
+        return jnp.zeros(p.shape, f32)
+    if p.init == "normal":
+        return jax.random.normal(key, p.shape, f32) / math.sqrt(p.shape[-1])
+    if p.init == "embed":
+        return jax.random.normal(key, p.shape, f32)
+    if p.init == "small":
+        return 0.1 * jax.random.normal(key, p.shape, f32) / math.sqrt(p.shape[-1])
+    if p.init == "hc_base":
+        return 0.5 * jax.random.normal(key, p.shape, f32)
+    if p.init == "hc_scale":
+        return 1.0 + 0.1 * jax.random.normal(key, p.shape, f32)
+    if p.init == "sink":
+        return jax.random.normal(key, p.shape, f32)
+    if p.init == "hash":  # k distinct experts per token id
+        V, k = p.shape
+        scores = jax.random.uniform(key, (V, cfg.n_routed_experts))
+        return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+    raise ValueError(f"{name}: unknown initializer {p.init!r}")
+
+
+def quantize_leaf(name: str, p: Param, value: jax.Array) -> dict[str, jax.Array]:
+    """A logical-valued weight -> its native stored arrays (quantised with the reference's scale rules)."""
+    base = name[: -len(".weight")]
+    if p.storage == "fp8":
+        w, s = quant.quantize_fp8_weight(value)
+    else:
+        w, s = quant.quantize_fp4_weight(value)
+    return {name: w, base + ".scale": s}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: str = "bf16") -> dict[str, Any]:
+    """Random parameters with the checkpoint's names; "native" quantises the FP8/FP4 weights like the files.
+
+    Values are scaled so activations stay O(1) through the network. With dtype="bf16" the quantized weights hold
+    exactly the values their native form dequantizes to, so both dtypes describe the same model for one key.
+    """
+    _check_dtype(dtype)
+    flat: dict[str, jax.Array] = {}
+    for name, p in declare(cfg).items():
+        k = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        v = _init_value(cfg, name, p, k)
+        if p.storage in ("fp8", "fp4"):
+            native = quantize_leaf(name, p, v)
+            if dtype == "native":
+                flat.update(native)
+            else:
+                flat[name] = dequantize_leaf(p.storage, native[name], native[name[:-7] + ".scale"])
+        elif p.storage == "i32":
+            flat[name] = v
+        else:
+            flat[name] = v.astype(DTYPES[p.storage])
+    return unflatten(flat)
+
+
+def dequantize_leaf(storage: str, w: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    if storage == "fp8":
+        return quant.dequant_fp8_weight(w, scale, dtype)
+    return quant.dequant_fp4_weight(w, scale, dtype)
+
+
+def count_params(cfg: ModelConfig, include_mtp: bool = True) -> int:
+    """Number of logical parameters (FP4 values count once each)."""
+    total = 0
+    for name, p in declare(cfg).items():
+        if include_mtp or not name.startswith("mtp."):
+            total += int(np.prod(p.shape))
+    return total
