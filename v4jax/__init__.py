@@ -5,3 +5,5 @@ from .params import abstract_params, init_params
 
 __all__ = ["ModelConfig", "abstract_params", "init_params", "forward", "block_forward", "mtp_forward", "prefill",
            "decode_step", "init_cache"]
+from .checkpoint import load, save
+__all__ += ["load", "save"]
