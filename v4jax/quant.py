@@ -125,7 +125,8 @@ def pow2_scale(amax, max_value, *, multiply_by_reciprocal=True):
     The ratio is formed in float32 as ``amax * f32(1/max_value)`` (FP8 ``act_quant``,
     the default) or ``amax / max_value`` (``fp4_act_quant``:
     ``multiply_by_reciprocal=False``); ceil(log2) is then read from its bits.
-    The caller applies the amax floor.
+    The caller applies the amax floor.  (For 448 and 6 both forms give the same scale for
+    every float32 amax above the floors; both are kept to mirror the reference literally.)
     """
     amax = jnp.asarray(amax, jnp.float32)
     if multiply_by_reciprocal:
