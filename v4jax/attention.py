@@ -68,7 +68,8 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
     dt = act_dtype(cfg)
     wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
-    o = jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32).astype(dt)
+    o = jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
+                   precision="highest").astype(dt)
     return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
 
 

@@ -32,7 +32,7 @@ def queries(cfg: ModelConfig, p: dict, x: jax.Array, qr: jax.Array, cos, sin) ->
 def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     """q [B, S, nI, dI], w [B, S, nI], keys [B, C, dI] -> index scores [B, S, C] (activation dtype)."""
     dt = q.dtype
-    s = jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32).astype(dt)
+    s = jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32, precision="highest").astype(dt)
     s = jax.nn.relu(s) * w[..., None]
     return jnp.sum(s.astype(f32), axis=2).astype(dt)
 

@@ -37,8 +37,8 @@ def weight(node: dict, dtype=jnp.bfloat16) -> jax.Array:
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w[out, in]^T with fp32 accumulation."""
-    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=f32)
+    """x [..., in] @ w[out, in]^T with fp32 accumulation (true fp32 for fp32 inputs: no TF32 on GPU)."""
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=f32, precision="highest")
 
 
 def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:

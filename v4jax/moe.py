@@ -53,7 +53,8 @@ def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
 
 def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     """x [N, in] sorted by group, w [E, out, in] -> [N, out] fp32 (fp32 accumulation)."""
-    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=f32)
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=f32)
 
 
 def experts_reference(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:

@@ -29,7 +29,7 @@ def sparse_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, sink: jax.Arra
     nb = idx.shape[-1] // block
     valid = idx >= 0
     rows = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, jnp.where(valid, idx, 0))        # [B, S, T', K]
-    z = jnp.einsum("bshk,bstk->bsht", q, rows, preferred_element_type=jnp.float32) * scale
+    z = jnp.einsum("bshk,bstk->bsht", q, rows, preferred_element_type=jnp.float32, precision="highest") * scale
     z = jnp.where(valid[:, :, None, :], z, -jnp.inf)
     zb = z.reshape(B, S, H, nb, block)
     m_run = jax.lax.cummax(jnp.max(zb, axis=-1), axis=3)                                 # running max per block
