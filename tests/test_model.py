@@ -115,3 +115,22 @@ def test_bad_tokens_shape():
     params = v4jax.abstract_params(cfg, "bf16")
     with pytest.raises(ValueError, match=r"tokens must be int \[B, S\]"):
         jax.eval_shape(lambda p: v4jax.forward(cfg, p, jnp.zeros((5,), jnp.int32)), params)
+
+
+def test_packed_documents_never_see_each_other():
+    """segment_ids: documents starting at multiples of 128 compute exactly as alone; any layout is leak-free
+    (including through the CSA/HCA compressors and the indexer)."""
+    cfg = v4jax.ModelConfig.preset("tiny", **EXACT)
+    params = v4jax.init_params(cfg, jax.random.key(0), dtype="bf16")
+    A, B = _tokens(cfg, 1, 261, seed=1), _tokens(cfg, 1, 140, seed=2)
+    pad = jnp.zeros((1, 384 - 261), jnp.int32)
+    row = jnp.concatenate([A, pad, B], 1)
+    seg = jnp.concatenate([jnp.full((1, 261), 1), jnp.full((1, 123), 0), jnp.full((1, 140), 2)], 1)
+    out = v4jax.forward(cfg, params, row, seg)
+    np.testing.assert_allclose(np.asarray(out[:, :261]), np.asarray(v4jax.forward(cfg, params, A)), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out[:, 384:]), np.asarray(v4jax.forward(cfg, params, B)), atol=2e-5)
+    # misaligned start (261 is not a multiple of 4 or 128): other tokens in document A change nothing in B
+    seg2 = jnp.concatenate([jnp.full((1, 261), 1), jnp.full((1, 140), 2)], 1)
+    o1 = v4jax.forward(cfg, params, jnp.concatenate([A, B], 1), seg2)
+    o2 = v4jax.forward(cfg, params, jnp.concatenate([_tokens(cfg, 1, 261, seed=7), B], 1), seg2)
+    np.testing.assert_array_equal(np.asarray(o1[:, 261:]), np.asarray(o2[:, 261:]))

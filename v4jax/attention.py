@@ -34,10 +34,18 @@ def window_idx_decode(pos: jax.Array, W: int) -> jax.Array:
     return jnp.where(p >= W - 1, (p + 1 + i) % W, jnp.where(i <= p, i, -1)).astype(jnp.int32)
 
 
-def all_entries_idx(n_visible: jax.Array, C: int) -> jax.Array:
-    """HCA: every completed entry, ascending: [..., C] with -1 where j >= n_visible."""
+def all_entries_idx(n_visible: jax.Array, C: int, first: jax.Array | int = 0) -> jax.Array:
+    """HCA: every completed entry, ascending: [..., C] with -1 unless first <= j < n_visible."""
     j = jnp.arange(C)
-    return jnp.where(j < n_visible[..., None], j, -1).astype(jnp.int32)
+    ok = (j < n_visible[..., None]) & (j >= jnp.asarray(first)[..., None])
+    return jnp.where(ok, j, -1).astype(jnp.int32)
+
+
+def doc_starts(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] segment ids (documents are contiguous runs) -> index of each token's document start [B, S]."""
+    t = jnp.arange(segment_ids.shape[1])
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(start, t, 0), axis=1).astype(jnp.int32)
 
 
 def _offset(idx: jax.Array, off: int) -> jax.Array:
@@ -78,35 +86,43 @@ def _attend(cfg: ModelConfig, p: dict, q, pool, idx):
 
 
 # ---- prefill ------------------------------------------------------------------------------------------
-def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_len: int | None = None):
-    """x [B, S, d] (normed block input) -> (out [B, S, d], cache dict for decode or None)."""
+def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_len: int | None = None,
+            doc_start: jax.Array | None = None):
+    """x [B, S, d] (normed block input) -> (out [B, S, d], cache dict for decode or None).
+
+    doc_start [B, S] (packed rows, see `doc_starts`): each token sees only its own document -- positions restart
+    at the document start, the window stops there, and a compressed entry is visible only if its whole block
+    lies inside the query's document. With documents starting at multiples of 128, every document computes
+    exactly as if it were alone."""
     B, S, _ = x.shape
     m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
-    cos, sin = rope_table(jnp.arange(S)[None, :], inv_freq)
+    t = jnp.arange(S)
+    if doc_start is None:
+        doc_start = jnp.zeros((B, S), jnp.int32)
+    cos, sin = rope_table(t[None, :] - doc_start, inv_freq)
     qr, q, kv = _qkv(cfg, p, x, cos, sin)
-    idx = jnp.broadcast_to(window_idx_prefill(S, W), (B, S, min(S, W)))
+    idx = window_idx_prefill(S, W)[None]
+    idx = jnp.where(idx >= doc_start[..., None], idx, -1)
     pool = kv
     cache = {}
     if m:
         n = S // m
-        n_visible = jnp.arange(1, S + 1) // m                                             # [S]
-        entries, state = compressor.prefill(cfg, p["compressor"], x, m, hd, inv_freq)
+        n_visible = (t + 1) // m                                                          # [S]
+        first = (doc_start + m - 1) // m                                                  # [B, S]
+        entries, state = compressor.prefill(cfg, p["compressor"], x, m, hd, inv_freq, doc_start=doc_start)
         cache.update(comp_entries=entries, comp_state=state)
+        if m == 4:
+            keys, istate = compressor.prefill(cfg, p["indexer"]["compressor"], x, m, cfg.index_head_dim,
+                                              inv_freq, indexer=True, doc_start=doc_start)
+            cache.update(index_keys=keys, index_state=istate)
         if n:
             if m == 4:
-                keys, istate = compressor.prefill(cfg, p["indexer"]["compressor"], x, m,
-                                                  cfg.index_head_dim, inv_freq, indexer=True)
                 qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-                cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible[None, :], min(cfg.index_topk, n))
-                cache.update(index_keys=keys, index_state=istate)
+                cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible, min(cfg.index_topk, n), first)
             else:
-                cidx = jnp.broadcast_to(all_entries_idx(n_visible, n), (B, S, n))
+                cidx = all_entries_idx(n_visible, n, first)
             pool = jnp.concatenate([kv, entries], axis=1)
             idx = jnp.concatenate([idx, _offset(cidx, S)], axis=-1)
-        elif m == 4:
-            keys, istate = compressor.prefill(cfg, p["indexer"]["compressor"], x, m, cfg.index_head_dim,
-                                              inv_freq, indexer=True)
-            cache.update(index_keys=keys, index_state=istate)
     o = _attend(cfg, p, q, pool, idx)
     out = _output(cfg, p, o, cos, sin)
     if max_len is None:

@@ -41,11 +41,11 @@ def _overlap_slots(kv: jax.Array, score: jax.Array, D: int) -> tuple[jax.Array, 
             jnp.concatenate([prev_sc, score[..., D:]], axis=2))
 
 
-def finish(cfg: ModelConfig, p: dict, pooled: jax.Array, block_idx: jax.Array, m: int, inv_freq,
-           indexer: bool) -> jax.Array:
-    """Pooled fp32 entries [..., D] -> stored entries: norm, RoPE at position block*m, quantisation simulation."""
+def finish(cfg: ModelConfig, p: dict, pooled: jax.Array, position: jax.Array, inv_freq, indexer: bool) -> jax.Array:
+    """Pooled fp32 entries [..., D] -> stored entries: norm, RoPE at the position of the block's first token,
+    quantisation simulation."""
     e = rms_norm(pooled.astype(act_dtype(cfg)), p["norm"]["weight"], cfg.rms_norm_eps)
-    cos, sin = rope_table(block_idx * m, inv_freq)
+    cos, sin = rope_table(position, inv_freq)
     e = apply_rope(e, cos, sin)
     if indexer:
         e = quant.hadamard(e)
@@ -66,8 +66,12 @@ def state_shape(m: int, D: int) -> tuple[int, int]:
     return (2 * m, 2 * D) if m == 4 else (m, D)
 
 
-def prefill(cfg: ModelConfig, p: dict, x: jax.Array, m: int, D: int, inv_freq, indexer: bool = False):
-    """x [B, S, d] -> (entries [B, S//m, D], state (kv, score) [B, rows, channels] for decode)."""
+def prefill(cfg: ModelConfig, p: dict, x: jax.Array, m: int, D: int, inv_freq, indexer: bool = False,
+            doc_start: jax.Array | None = None):
+    """x [B, S, d] -> (entries [B, S//m, D], state (kv, score) [B, rows, channels] for decode).
+
+    doc_start [B, S] (packed rows): an entry's RoPE position is relative to its document, and the overlapping
+    variant never pools the previous block across a document start."""
     B, S, _ = x.shape
     overlap = m == 4
     kv, score = _project(p, x, jnp.arange(S), m)
@@ -84,11 +88,17 @@ def prefill(cfg: ModelConfig, p: dict, x: jax.Array, m: int, D: int, inv_freq, i
         return jnp.zeros((B, 0, D), act_dtype(cfg)), (st_kv, st_sc)
     kvb = kv[:, :n * m].reshape(B, n, m, -1)
     scb = score[:, :n * m].reshape(B, n, m, -1)
+    block_start = jnp.arange(n) * m
+    ds = jnp.zeros((B, n), jnp.int32) if doc_start is None else doc_start[:, block_start]      # [B, n]
     if overlap:
         st_kv = st_kv.at[:, :m].set(kvb[:, -1])
         st_sc = st_sc.at[:, :m].set(scb[:, -1])
         kvb, scb = _overlap_slots(kvb, scb, D)
-    entries = finish(cfg, p, _pool(kvb, scb), jnp.arange(n), m, inv_freq, indexer)
+        if doc_start is not None:   # previous block in another document: its half does not take part
+            prev_ok = (block_start - m >= ds)[:, :, None, None]
+            scb = scb.at[:, :, :m].set(jnp.where(prev_ok, scb[:, :, :m], -jnp.inf))
+    pooled = _pool(kvb, scb)
+    entries = finish(cfg, p, pooled, block_start - ds, inv_freq, indexer)
     return entries, (st_kv, st_sc)
 
 
@@ -109,7 +119,7 @@ def decode(cfg: ModelConfig, p: dict, x: jax.Array, pos: jax.Array, state, m: in
     else:
         slots_kv, slots_sc = st_kv, st_sc
     completed = (pos + 1) % m == 0
-    entry = finish(cfg, p, _pool(slots_kv, slots_sc), pos // m, m, inv_freq, indexer)
+    entry = finish(cfg, p, _pool(slots_kv, slots_sc), pos // m * m, inv_freq, indexer)
     if m == 4:  # the finished block becomes the "previous" block
         shift = lambda s: jnp.where(completed[:, None, None], jnp.concatenate([s[:, m:], s[:, m:]], axis=1), s)
         st_kv, st_sc = shift(st_kv), shift(st_sc)

@@ -37,13 +37,15 @@ def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.sum(s.astype(f32), axis=2).astype(dt)
 
 
-def topk(index_scores: jax.Array, n_visible: jax.Array, k: int) -> jax.Array:
-    """Top-k entries among the visible ones (entry j visible iff j < n_visible[..., None]); -1 pads.
+def topk(index_scores: jax.Array, n_visible: jax.Array, k: int, first: jax.Array | int = 0) -> jax.Array:
+    """Top-k entries among the visible ones (entry j visible iff first <= j < n_visible); -1 pads.
 
-    index_scores [..., C], n_visible broadcastable to index_scores.shape[:-1] -> int32 [..., k], sorted by score.
+    index_scores [..., C]; n_visible, first broadcastable to index_scores.shape[:-1] -> int32 [..., k], sorted
+    by descending score. `first` > 0 hides the entries of earlier documents in a packed row.
     """
     C = index_scores.shape[-1]
-    visible = jnp.arange(C) < n_visible[..., None]
+    j = jnp.arange(C)
+    visible = (j < jnp.asarray(n_visible)[..., None]) & (j >= jnp.asarray(first)[..., None])
     s = jnp.where(visible, index_scores.astype(f32), -jnp.inf)
     _, idx = jax.lax.top_k(s, k)
-    return jnp.where(idx < n_visible[..., None], idx, -1).astype(jnp.int32)
+    return jnp.where(jnp.take_along_axis(visible, idx, axis=-1), idx, -1).astype(jnp.int32)

@@ -48,11 +48,11 @@ def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens):
     return hc_post(X, f, post, comb)
 
 
-def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None):
-    """X [B,S,n,D] -> (X', layer cache or None). Prefill semantics (positions 0..S-1)."""
+def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_start=None):
+    """X [B,S,n,D] -> (X', layer cache or None). Prefill semantics (positions 0..S-1, or per document)."""
     y, post, comb = _hc(cfg, p, "attn", X)
     a, cache = attention.prefill(cfg, p["attn"], layer, rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps),
-                                 rope_inv_freq(cfg, layer), max_len)
+                                 rope_inv_freq(cfg, layer), max_len, doc_start)
     X = hc_post(X, a, post, comb)
     return _ffn(cfg, p, layer, X, tokens), cache
 
@@ -85,13 +85,19 @@ def _check_tokens(cfg: ModelConfig, tokens) -> None:
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("return_hidden",))
-def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, return_hidden: bool = False):
-    """int [B, S] -> float32 logits [B, S, V] at every position (and, if asked, the streams after each block)."""
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None,
+            return_hidden: bool = False):
+    """int [B, S] -> float32 logits [B, S, V] at every position (and, if asked, the streams after each block).
+
+    segment_ids [B, S] (optional): packed documents as contiguous runs of equal ids. Each token then sees only
+    its own document (attention window, compressed entries, indexer), with positions restarting at the
+    document start; documents that start at multiples of 128 compute exactly as if each were alone."""
     _check_tokens(cfg, tokens)
+    doc_start = None if segment_ids is None else attention.doc_starts(segment_ids)
     X = _embed(cfg, params, tokens)
     hidden = []
     for i in range(cfg.n_layers):
-        X, _ = _block(cfg, params["layers"][str(i)], i, X, tokens)
+        X, _ = _block(cfg, params["layers"][str(i)], i, X, tokens, doc_start=doc_start)
         hidden.append(X)
     logits = _head(cfg, params, params["head"], X)
     if return_hidden:
