@@ -134,3 +134,32 @@ def test_packed_documents_never_see_each_other():
     o1 = v4jax.forward(cfg, params, jnp.concatenate([A, B], 1), seg2)
     o2 = v4jax.forward(cfg, params, jnp.concatenate([_tokens(cfg, 1, 261, seed=7), B], 1), seg2)
     np.testing.assert_array_equal(np.asarray(o1[:, 261:]), np.asarray(o2[:, 261:]))
+
+
+def test_forward_train_matches_forward_and_differentiates():
+    cfg = v4jax.ModelConfig.preset("tiny-pro", **EXACT)
+    params = v4jax.init_params(cfg, jax.random.key(0), dtype="bf16")
+    toks = _tokens(cfg, 2, 40)
+    out = jax.jit(lambda p, t: v4jax.forward_train(cfg, p, t, remat=False))(params, toks)
+    logits, hidden = v4jax.forward(cfg, params, toks, return_hidden=True)
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(logits), atol=1e-6)
+    nxt = jnp.concatenate([toks[:, 1:], toks[:, -1:]], 1)
+    np.testing.assert_allclose(np.asarray(out["mtp_logits"]), np.asarray(v4jax.mtp_forward(cfg, params, hidden[-1], nxt)),
+                               atol=1e-6)
+    n_blocks = cfg.n_layers + cfg.n_mtp
+    assert out["load"].shape == (n_blocks, cfg.n_routed_experts)
+    np.testing.assert_allclose(np.asarray(out["load"].sum(-1)), 2 * 40 * cfg.num_experts_per_tok)
+    assert out["balance"].shape == (n_blocks,) and np.all(np.asarray(out["balance"]) > 0)
+
+    def loss(p):
+        o = v4jax.forward_train(cfg, p, toks, remat=True)
+        lp = jax.nn.log_softmax(o["logits"][:, :-1])
+        return -jnp.mean(jnp.take_along_axis(lp, toks[:, 1:, None], -1))
+    g = P_flat(jax.grad(loss, allow_int=True)(params))
+    for k in ["embed.weight", "layers.2.attn.wq_a.weight", "layers.3.attn.compressor.wkv.weight",
+              "layers.3.ffn.experts.w2.weight", "layers.4.hc_ffn_fn", "head.weight"]:
+        assert bool(jnp.all(jnp.isfinite(g[k]))) and float(jnp.max(jnp.abs(g[k]))) > 0, k
+
+
+def P_flat(tree):
+    return v4jax.params.flatten(tree)

@@ -42,18 +42,25 @@ def _hc(cfg: ModelConfig, p: dict, sub: str, X):
                   hc_eps=cfg.hc_eps, iters=cfg.hc_sinkhorn_iters)
 
 
-def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens):
+def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens, with_stats: bool = False):
     y, post, comb = _hc(cfg, p, "ffn", X)
-    f = moe(cfg, p["ffn"], layer, rms_norm(y, p["ffn_norm"]["weight"], cfg.rms_norm_eps), tokens)
-    return hc_post(X, f, post, comb)
+    out = moe(cfg, p["ffn"], layer, rms_norm(y, p["ffn_norm"]["weight"], cfg.rms_norm_eps), tokens, with_stats)
+    if with_stats:
+        return hc_post(X, out[0], post, comb), out[1]
+    return hc_post(X, out, post, comb)
 
 
-def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_start=None):
-    """X [B,S,n,D] -> (X', layer cache or None). Prefill semantics (positions 0..S-1, or per document)."""
+def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_start=None,
+           with_stats: bool = False):
+    """X [B,S,n,D] -> (X', layer cache or None [, router stats]). Prefill semantics (positions 0..S-1, or per
+    document)."""
     y, post, comb = _hc(cfg, p, "attn", X)
     a, cache = attention.prefill(cfg, p["attn"], layer, rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps),
                                  rope_inv_freq(cfg, layer), max_len, doc_start)
     X = hc_post(X, a, post, comb)
+    if with_stats:
+        X, stats = _ffn(cfg, p, layer, X, tokens, True)
+        return X, cache, stats
     return _ffn(cfg, p, layer, X, tokens), cache
 
 
@@ -117,12 +124,51 @@ def mtp_forward(cfg: ModelConfig, params: dict, streams: jax.Array, next_tokens:
     the caller shifts) -> float32 logits [B,S,V] predicting token i+2."""
     layer = cfg.n_layers
     p = block_params(params, cfg, layer)
+    X, _ = _block(cfg, p, layer, _mtp_input(cfg, p, params, streams, next_tokens), next_tokens)
+    return _head(cfg, p, params["head"], X)
+
+
+def _mtp_input(cfg: ModelConfig, p: dict, params: dict, streams, next_tokens):
     e = rms_norm(params["embed"]["weight"][next_tokens].astype(act_dtype(cfg)), p["enorm"]["weight"],
                  cfg.rms_norm_eps)
     h = rms_norm(streams.astype(act_dtype(cfg)), p["hnorm"]["weight"], cfg.rms_norm_eps)
-    X = linear_fp8(cfg, p["e_proj"], e)[..., None, :] + linear_fp8(cfg, p["h_proj"], h)
-    X, _ = _block(cfg, p, layer, X, next_tokens)
-    return _head(cfg, p, params["head"], X)
+    return linear_fp8(cfg, p["e_proj"], e)[..., None, :] + linear_fp8(cfg, p["h_proj"], h)
+
+
+def forward_train(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+                  remat: bool = True, with_mtp: bool = True) -> dict:
+    """The training forward (differentiable; call it inside your own jit/grad).
+
+    Returns {"logits" [B,S,V] f32, "mtp_logits" [B,S,V] f32 or None (position i predicts token i+2; the last
+    position's input token is a placeholder -- mask its loss), "load" [L+mtp, E] tokens per expert,
+    "balance" [L+mtp] sequence-wise balance losses}. Hash layers report load/balance too (their routing is
+    fixed; the caller decides which layers to use). remat: recompute each block in the backward pass."""
+    _check_tokens(cfg, tokens)
+    doc_start = None if segment_ids is None else attention.doc_starts(segment_ids)
+
+    def run(layer, p, X, toks):
+        X, _, stats = _block(cfg, p, layer, X, toks, None, doc_start, with_stats=True)
+        return X, stats
+
+    X = _embed(cfg, params, tokens)
+    stats = []
+    for i in range(cfg.n_layers):
+        f = jax.checkpoint(partial(run, i)) if remat else partial(run, i)
+        X, s = f(params["layers"][str(i)], X, tokens)
+        stats.append(s)
+    out = {"logits": _head(cfg, params, params["head"], X), "mtp_logits": None}
+    if with_mtp and cfg.n_mtp:
+        layer = cfg.n_layers
+        p = block_params(params, cfg, layer)
+        nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        Xm = _mtp_input(cfg, p, params, X, nxt)
+        f = jax.checkpoint(partial(run, layer)) if remat else partial(run, layer)
+        Xm, s = f(p, Xm, nxt)
+        stats.append(s)
+        out["mtp_logits"] = _head(cfg, p, params["head"], Xm)
+    out["load"] = jnp.stack([s["load"] for s in stats])
+    out["balance"] = jnp.stack([s["balance"] for s in stats])
+    return out
 
 
 # ---- incremental decode -------------------------------------------------------------------------------

@@ -85,11 +85,24 @@ def routed_experts(cfg: ModelConfig, p: dict, x, ids, w, *, backend: str | None 
     return experts_reference(cfg, p, x, ids, w)
 
 
-def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array) -> jax.Array:
-    """x [B, S, d] (normed), tokens [B, S] -> [B, S, d]."""
+def router_stats(cfg: ModelConfig, ids: jax.Array, a: jax.Array, B: int) -> dict:
+    """Training statistics of one layer: expert load (tokens routed to each expert, for the aux-loss-free bias
+    update) and the sequence-wise balance loss sum_i f_i P_i averaged over rows (DeepSeek-V3/V4 form:
+    f_i = E/(k S) * #tokens of the row routed to i, P_i = mean over the row of a_i / sum_j a_j)."""
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    onehot = jax.nn.one_hot(ids, E, dtype=f32).sum(-2).reshape(B, -1, E)                   # [B, S, E]
+    probs = (a / jnp.sum(a, -1, keepdims=True)).reshape(B, -1, E)
+    S = onehot.shape[1]
+    f = onehot.sum(1) * (E / (k * S))
+    balance = jnp.mean(jnp.sum(f * probs.mean(1), -1))
+    return {"load": onehot.sum((0, 1)), "balance": balance}
+
+
+def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, with_stats: bool = False):
+    """x [B, S, d] (normed), tokens [B, S] -> [B, S, d] (and router statistics if asked)."""
     B, S, d = x.shape
     xt, tt = x.reshape(B * S, d), tokens.reshape(B * S)
-    ids, w, _ = route(cfg, p["gate"], layer, xt, tt)
+    ids, w, a = route(cfg, p["gate"], layer, xt, tt)
     outs = routed_experts(cfg, p["experts"], xt, ids, w)
     # fp32 sum in ascending expert id, as the reference visits experts
     order = jnp.argsort(ids, axis=-1)
@@ -99,4 +112,5 @@ def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array) 
         y = y + outs[:, j].astype(f32)
     if "shared_experts" in p:
         y = y + shared_expert(cfg, p["shared_experts"], xt).astype(f32)
-    return y.astype(act_dtype(cfg)).reshape(B, S, d)
+    y = y.astype(act_dtype(cfg)).reshape(B, S, d)
+    return (y, router_stats(cfg, ids, a, B)) if with_stats else y
