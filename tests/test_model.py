@@ -156,7 +156,7 @@ def test_forward_train_matches_forward_and_differentiates():
         lp = jax.nn.log_softmax(o["logits"][:, :-1])
         return -jnp.mean(jnp.take_along_axis(lp, toks[:, 1:, None], -1))
     g = P_flat(jax.grad(loss, allow_int=True)(params))
-    for k in ["embed.weight", "layers.2.attn.wq_a.weight", "layers.3.attn.compressor.wkv.weight",
+    for k in ["embed.weight", "layers.2.attn.wq_a.weight", "layers.2.attn.compressor.wkv.weight",
               "layers.3.ffn.experts.w2.weight", "layers.4.hc_ffn_fn", "head.weight"]:
         assert bool(jnp.all(jnp.isfinite(g[k]))) and float(jnp.max(jnp.abs(g[k]))) > 0, k
 
