@@ -7,3 +7,5 @@ __all__ = ["ModelConfig", "abstract_params", "init_params", "forward", "forward_
            "decode_step", "init_cache"]
 from .checkpoint import load, save
 __all__ += ["load", "save"]
+from .generate import GenerationResult, Generator
+__all__ += ["Generator", "GenerationResult"]

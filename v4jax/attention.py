@@ -15,6 +15,7 @@ from pallas_kernels.sparse_attention import sparse_attention
 from . import compressor, indexer
 from .config import ModelConfig
 from .layers import act_dtype, apply_rope, linear_fp8, rms_norm, rope_table, weight
+from .quant import round_to
 
 f32 = jnp.float32
 
@@ -54,8 +55,12 @@ def _offset(idx: jax.Array, off: int) -> jax.Array:
 
 # ---- shared pieces ------------------------------------------------------------------------------------
 def _head_norm(q: jax.Array, eps: float) -> jax.Array:
-    """Weightless per-head RMS normalisation, as ops in q's dtype (the reference does it in bf16)."""
-    return q * jax.lax.rsqrt(jnp.mean(jnp.square(q), axis=-1, keepdims=True) + eps)
+    """Weightless per-head RMS normalisation as the reference's bf16 ops: each op's result rounded to q.dtype
+    (square, mean with fp32 accumulation, + eps, rsqrt, multiply)."""
+    r = lambda v: round_to(v, q.dtype).astype(f32)
+    q32 = q.astype(f32)
+    ms = r(jnp.mean(r(q32 * q32), axis=-1, keepdims=True))
+    return round_to(q32 * r(jax.lax.rsqrt(r(ms + eps))), q.dtype)
 
 
 def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
@@ -76,8 +81,8 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
     dt = act_dtype(cfg)
     wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
-    o = jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
-                   precision="highest").astype(dt)
+    o = round_to(jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
+                            precision="highest"), dt)
     return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
 
 

@@ -44,7 +44,7 @@ def _overlap_slots(kv: jax.Array, score: jax.Array, D: int) -> tuple[jax.Array, 
 def finish(cfg: ModelConfig, p: dict, pooled: jax.Array, position: jax.Array, inv_freq, indexer: bool) -> jax.Array:
     """Pooled fp32 entries [..., D] -> stored entries: norm, RoPE at the position of the block's first token,
     quantisation simulation."""
-    e = rms_norm(pooled.astype(act_dtype(cfg)), p["norm"]["weight"], cfg.rms_norm_eps)
+    e = rms_norm(quant.round_to(pooled, act_dtype(cfg)), p["norm"]["weight"], cfg.rms_norm_eps)
     cos, sin = rope_table(position, inv_freq)
     e = apply_rope(e, cos, sin)
     if indexer:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .quant import round_to
+
 f32 = jnp.float32
 
 
@@ -39,13 +41,13 @@ def hc_pre(X: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, no
     raw = (m[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(m.shape[:-1] + (n, n))
     comb = sinkhorn(raw, iters, hc_eps)
     y = jnp.sum(pre[..., None] * X.astype(f32), axis=-2)
-    return y.astype(X.dtype), post, comb
+    return round_to(y, X.dtype), post, comb
 
 
 def hc_post(X: jax.Array, f_out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """X'_k = post_k * f_out + sum_j comb[j, k] * X_j (fp32), back to X.dtype."""
     mixed = jnp.einsum("...jk,...jd->...kd", comb, X.astype(f32), precision="highest")
-    return (post[..., None] * f_out.astype(f32)[..., None, :] + mixed).astype(X.dtype)
+    return round_to(post[..., None] * f_out.astype(f32)[..., None, :] + mixed, X.dtype)
 
 
 def hc_head(X: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, norm_eps: float,
@@ -53,4 +55,4 @@ def hc_head(X: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, n
     """Collapse the streams for the output head: y = sum_j (sigmoid(m_j*scale + base_j) + eps) X_j."""
     m = _mixes(X, fn, norm_eps)
     pre = jax.nn.sigmoid(m * scale[0] + base) + hc_eps
-    return jnp.sum(pre[..., None] * X.astype(f32), axis=-2).astype(X.dtype)
+    return round_to(jnp.sum(pre[..., None] * X.astype(f32), axis=-2), X.dtype)

@@ -25,16 +25,17 @@ def queries(cfg: ModelConfig, p: dict, x: jax.Array, qr: jax.Array, cos, sin) ->
     q = quant.hadamard(q)
     if cfg.quant_sim:
         q = quant.fp4_sim(q, 32)
-    w = linear_bf16(cfg, p["weights_proj"], x) * (dI ** -0.5 * nI ** -0.5)
+    w = quant.round_to(linear_bf16(cfg, p["weights_proj"], x).astype(f32) * (dI ** -0.5 * nI ** -0.5), q.dtype)
     return q, w
 
 
 def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     """q [B, S, nI, dI], w [B, S, nI], keys [B, C, dI] -> index scores [B, S, C] (activation dtype)."""
     dt = q.dtype
-    s = jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32, precision="highest").astype(dt)
-    s = jax.nn.relu(s) * w[..., None]
-    return jnp.sum(s.astype(f32), axis=2).astype(dt)
+    r = lambda v: quant.round_to(v, dt).astype(f32)           # each bf16 op of the reference rounds
+    s = r(jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32, precision="highest"))
+    s = r(jax.nn.relu(s) * w.astype(f32)[..., None])
+    return quant.round_to(jnp.sum(s, axis=2), dt)
 
 
 def topk(index_scores: jax.Array, n_visible: jax.Array, k: int, first: jax.Array | int = 0) -> jax.Array:

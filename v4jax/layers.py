@@ -46,12 +46,12 @@ def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     x = x.astype(dt)
     if cfg.quant_sim:
         x = quant.fp8_sim(x, 128)
-    return _matmul(x, weight(node, dt)).astype(dt)
+    return quant.round_to(_matmul(x, weight(node, dt)), dt)
 
 
 def linear_bf16(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
-    return _matmul(x.astype(dt), weight(node, dt)).astype(dt)
+    return quant.round_to(_matmul(x.astype(dt), weight(node, dt)), dt)
 
 
 def linear_f32(node: dict, x: jax.Array) -> jax.Array:
@@ -62,7 +62,7 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """fp32 inside, weight multiplied in fp32, result in x's dtype."""
     xf = x.astype(f32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * w.astype(f32)).astype(x.dtype)
+    return quant.round_to(y * w.astype(f32), x.dtype)
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------------
@@ -108,4 +108,4 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = Fal
     if inverse:
         sin = -sin
     rot = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(tail.shape)
-    return jnp.concatenate([head, rot.astype(x.dtype)], axis=-1)
+    return jnp.concatenate([head, quant.round_to(rot, x.dtype)], axis=-1)

@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .hyper import hc_head, hc_post, hc_pre
 from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
 from .moe import moe
+from .quant import round_to
 
 f32 = jnp.float32
 
@@ -132,7 +133,8 @@ def _mtp_input(cfg: ModelConfig, p: dict, params: dict, streams, next_tokens):
     e = rms_norm(params["embed"]["weight"][next_tokens].astype(act_dtype(cfg)), p["enorm"]["weight"],
                  cfg.rms_norm_eps)
     h = rms_norm(streams.astype(act_dtype(cfg)), p["hnorm"]["weight"], cfg.rms_norm_eps)
-    return linear_fp8(cfg, p["e_proj"], e)[..., None, :] + linear_fp8(cfg, p["h_proj"], h)
+    s = linear_fp8(cfg, p["e_proj"], e).astype(f32)[..., None, :] + linear_fp8(cfg, p["h_proj"], h).astype(f32)
+    return round_to(s, act_dtype(cfg))
 
 
 def forward_train(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, *,

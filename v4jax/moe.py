@@ -6,16 +6,21 @@ selects); hash layers take the experts `tid2eid[token]`. Weights are the selecte
 (up to [-limit, limit], gate <= limit); a routed expert's weight multiplies its hidden state before the down
 projection. Routed outputs (bf16) are summed in fp32 in ascending expert id, then the shared expert is added.
 
-`experts_reference` is the one reference dispatch: assignments sorted by expert and run as grouped matmuls with
-`jax.lax.ragged_dot`. Faster backends plug in behind `routed_experts`.
+`routed_sum` is the one reference dispatch: assignments sorted by expert and run as grouped matmuls with
+`jax.lax.ragged_dot`; inside a mesh with an `expert` axis, `routed_sum_expert_parallel` runs it per device in
+`jax.shard_map`.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
 from . import quant
 from .config import ModelConfig
+from .sharding import active_axis_size
 from .layers import act_dtype, linear_f32, linear_fp8, weight
 
 f32 = jnp.float32
@@ -43,7 +48,7 @@ def swiglu(cfg: ModelConfig, g: jax.Array, u: jax.Array, w: jax.Array | None = N
     h = jax.nn.silu(g) * u
     if w is not None:
         h = w[..., None] * h
-    return h.astype(act_dtype(cfg))
+    return quant.round_to(h, act_dtype(cfg))
 
 
 def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
@@ -52,37 +57,70 @@ def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
 
 
 def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
-    """x [N, in] sorted by group, w [E, out, in] -> [N, out] fp32 (fp32 accumulation)."""
+    """x [N, in] sorted by group, w [E, out, in] -> [N, out] fp32 (fp32 accumulation; rows past the groups: 0)."""
     return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=f32)
 
 
-def experts_reference(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
-    """x [T, d], ids/w [T, k] -> per-assignment expert outputs [T, k, d] (activation dtype)."""
+def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array, first=0) -> jax.Array:
+    """The reference dispatch. Sum over each token's routed experts that `p` holds (experts first ..
+    first + E_local - 1, stacked) of their outputs, in fp32, visiting experts in ascending id (experts held
+    elsewhere add exactly 0). x [T, d], ids/w [T, k] -> [T, d] fp32.
+
+    Assignments are sorted by expert and run as grouped matmuls (`jax.lax.ragged_dot`)."""
     T, k = ids.shape
-    E = cfg.n_routed_experts
+    E_loc = p["w1"]["weight"].shape[0]
     dt = act_dtype(cfg)
     x = x.astype(dt)
     if cfg.quant_sim:
         x = quant.fp8_sim(x, 128)
-    flat = ids.reshape(-1)
+    asc = jnp.argsort(ids, axis=-1)                                  # each token's experts in ascending id
+    lid = jnp.take_along_axis(ids, asc, -1) - first
+    w = jnp.take_along_axis(w, asc, -1)
+    local = (lid >= 0) & (lid < E_loc)
+    flat = jnp.where(local, lid, E_loc).reshape(-1)                  # E_loc = "not here": sorted last, no group
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
     xs = x[order // k]
-    g = _grouped(xs, weight(p["w1"], dt), sizes).astype(dt)
-    u = _grouped(xs, weight(p["w3"], dt), sizes).astype(dt)
+    g = quant.round_to(_grouped(xs, weight(p["w1"], dt), sizes), dt)
+    u = quant.round_to(_grouped(xs, weight(p["w3"], dt), sizes), dt)
     h = swiglu(cfg, g, u, w.reshape(-1)[order])
     if cfg.quant_sim:
         h = quant.fp8_sim(h, 128)
-    out = _grouped(h, weight(p["w2"], dt), sizes).astype(dt)
-    return jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)
+    out = quant.round_to(_grouped(h, weight(p["w2"], dt), sizes), dt)
+    out = jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)
+    out = jnp.where(local[..., None], out, 0)
+    y = out[:, 0].astype(f32)
+    for j in range(1, k):
+        y = y + out[:, j].astype(f32)
+    return y
 
 
-def routed_experts(cfg: ModelConfig, p: dict, x, ids, w, *, backend: str | None = None):
-    backend = backend or "reference"
-    if backend != "reference":
-        raise ValueError(f"routed_experts: unknown backend {backend!r}")
-    return experts_reference(cfg, p, x, ids, w)
+def routed_sum_expert_parallel(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array):
+    """`routed_sum` with the experts split over the mesh axis `expert`, inside `jax.shard_map`.
+
+    When the tokens divide over (data, seq, expert), each device gathers the tokens of its expert group
+    (all_gather over `expert`), runs its own experts, and the partial sums go back to the tokens' owners with
+    one reduce-scatter. Otherwise (e.g. decode with a small batch) tokens stay replicated and the partial sums
+    are all-reduced. Experts never move; only activations do."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(mesh.shape)
+    tok_axes = tuple(a for a in ("data", "seq", "expert") if sizes.get(a, 1) > 1)
+    n_tok = int(np.prod([sizes[a] for a in tok_axes]))
+    scatter = x.shape[0] % n_tok == 0
+    tok = P(tok_axes) if scatter else P()
+    E_loc = cfg.n_routed_experts // sizes["expert"]
+
+    def local(x, ids, w, pe):
+        if scatter:
+            x, ids, w = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, ids, w))
+        y = routed_sum(cfg, pe, x, ids, w, first=jax.lax.axis_index("expert") * E_loc)
+        if scatter:
+            return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, "expert")
+
+    pe_spec = jax.tree.map(lambda _: P("expert"), p)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, pe_spec), out_specs=tok)(x, ids, w, p)
 
 
 def router_stats(cfg: ModelConfig, ids: jax.Array, a: jax.Array, B: int) -> dict:
@@ -103,14 +141,11 @@ def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, 
     B, S, d = x.shape
     xt, tt = x.reshape(B * S, d), tokens.reshape(B * S)
     ids, w, a = route(cfg, p["gate"], layer, xt, tt)
-    outs = routed_experts(cfg, p["experts"], xt, ids, w)
-    # fp32 sum in ascending expert id, as the reference visits experts
-    order = jnp.argsort(ids, axis=-1)
-    outs = jnp.take_along_axis(outs, order[..., None], axis=1)
-    y = outs[:, 0].astype(f32)
-    for j in range(1, outs.shape[1]):
-        y = y + outs[:, j].astype(f32)
-    if "shared_experts" in p:
+    if active_axis_size("expert") > 1:
+        y = routed_sum_expert_parallel(cfg, p["experts"], xt, ids, w)
+    else:
+        y = routed_sum(cfg, p["experts"], xt, ids, w)
+    if "shared_experts" in p:  # the shared expert stays local
         y = y + shared_expert(cfg, p["shared_experts"], xt).astype(f32)
-    y = y.astype(act_dtype(cfg)).reshape(B, S, d)
+    y = quant.round_to(y, act_dtype(cfg)).reshape(B, S, d)
     return (y, router_stats(cfg, ids, a, B)) if with_stats else y

@@ -36,6 +36,16 @@ _F32_2POW_M127_BITS = 0x00400000  # 2**-127 (subnormal)
 # --------------------------------------------------------------------------- helpers
 
 
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """Cast to `dtype` with a rounding XLA keeps. Under jit XLA may use excess precision (it drops an
+    f32 -> bf16 -> f32 round trip inside a fusion); the reference rounds to bf16 at every bf16 op, so narrowing
+    casts to bf16 go through `reduce_precision` first."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and x.dtype != jnp.bfloat16:
+        x = lax.reduce_precision(x.astype(jnp.float32), exponent_bits=8, mantissa_bits=7)
+    return x.astype(dtype)
+
 def _f32_bits(x):
     """Raw int32 bits of a float32 array."""
     return lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
@@ -347,4 +357,4 @@ def hadamard(x):
         y = jnp.stack([a + b, a - b], axis=-2)
         h *= 2
     y = y.reshape(*lead, n) * jnp.float32(1.0 / math.sqrt(n))
-    return y.astype(x.dtype)
+    return round_to(y, x.dtype)

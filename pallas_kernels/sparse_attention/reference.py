@@ -38,6 +38,10 @@ def sparse_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, sink: jax.Arra
     m_fin = m_run[..., -1:]
     rescale = jnp.exp(m_run - m_fin)                                                    # [B, S, H, nb]
     denom = jnp.sum(jnp.sum(p, axis=-1) * rescale, axis=-1) + jnp.exp(sink - m_fin[..., 0])
-    w = (p.astype(kv.dtype).astype(jnp.float32) * rescale[..., None]).reshape(B, S, H, -1)
+    p_rounded = p if kv.dtype == jnp.float32 else jax.lax.reduce_precision(p, exponent_bits=8, mantissa_bits=7)
+    w = (p_rounded * rescale[..., None]).reshape(B, S, H, -1)
     o = jnp.einsum("bsht,bstk->bshk", w, rows.astype(jnp.float32), precision="highest")
-    return (o / denom[..., None]).astype(q.dtype)
+    out = o / denom[..., None]
+    if q.dtype == jnp.bfloat16:   # a rounding XLA keeps (see v4jax.quant.round_to)
+        out = jax.lax.reduce_precision(out, exponent_bits=8, mantissa_bits=7)
+    return out.astype(q.dtype)
