@@ -1,19 +1,69 @@
 """Sparse attention over per-query index lists: one public function, backends picked by platform."""
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from .reference import sparse_attention as _reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "gpu", "tpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The backend `sparse_attention` uses on `platform` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda"):
+        return "gpu"
+    if platform == "tpu":
+        return "tpu"
+    return "reference"
+
+
+def _forward(q, kv, idx, sink, scale, backend):
+    if backend == "reference":
+        return _reference(q, kv, idx, sink, scale)
+    on_cpu = jax.default_backend() == "cpu"
+    if backend == "gpu":
+        from . import gpu
+        return gpu.sparse_attention(q, kv, idx, sink, scale, interpret=on_cpu)
+    from jax.experimental.pallas import tpu as pltpu
+    from . import tpu
+    return tpu.sparse_attention(q, kv, idx, sink, scale, interpret=pltpu.InterpretParams() if on_cpu else False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sparse_attention(q, kv, idx, sink, scale, backend):
+    return _forward(q, kv, idx, sink, scale, backend)
+
+
+def _fwd(q, kv, idx, sink, scale, backend):
+    return _forward(q, kv, idx, sink, scale, backend), (q, kv, idx, sink)
+
+
+def _bwd(scale, backend, res, g):
+    q, kv, idx, sink = res
+    _, vjp = jax.vjp(lambda q_, kv_, s_: _reference(q_, kv_, idx, s_, scale), q, kv, sink)
+    dq, dkv, dsink = vjp(g)
+    return dq, dkv, None, dsink
+
+
+_sparse_attention.defvjp(_fwd, _bwd)
 
 
 def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
     """q [B,S,H,K], kv [B,N,K], idx [B,S,T] int32 (-1 = masked), sink [H] f32 -> [B,S,H,K].
 
-    backend: None picks the best for the platform; "reference" is the plain-jnp definition.
+    backend: None picks by platform ("gpu": Pallas/Triton kernel on NVIDIA GPUs, "tpu": Pallas Mosaic TPU kernel
+    on TPUs, "reference" elsewhere); pass one to override. A Pallas backend asked for on CPU runs in interpret mode.
+    All backends compute the reference's function (reference.py) with its numerics.
+
+    Differentiable w.r.t. q, kv and sink through a jax.custom_vjp: the forward runs the chosen backend, the
+    backward is the VJP of the jnp reference (recomputed from the saved inputs, O(S x T) memory).
     """
-    backend = backend or "reference"
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"sparse_attention: unknown backend {backend!r}; available: {BACKENDS}")
-    return _reference(q, kv, idx, sink, scale)
+    if backend == "reference":
+        return _reference(q, kv, idx, sink, scale)
+    return _sparse_attention(q, kv, idx, sink, float(scale), backend)

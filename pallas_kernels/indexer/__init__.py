@@ -1,0 +1,78 @@
+"""Lightning-indexer scoring and top-k: one dispatch per function, backends picked by platform.
+
+index_scores: "gpu" (Pallas/Triton) on NVIDIA GPUs, "tpu" (Pallas Mosaic TPU) on TPUs, "reference" elsewhere;
+differentiable through a jax.custom_vjp whose backward is the reference's VJP.
+index_topk: jax.lax.top_k on every platform (no Pallas kernel: XLA's top-k is the one backend).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from . import reference
+
+BACKENDS = ("reference", "gpu", "tpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda"):
+        return "gpu"
+    if platform == "tpu":
+        return "tpu"
+    return "reference"
+
+
+def _forward(q, w, keys, backend):
+    on_cpu = jax.default_backend() == "cpu"
+    if backend == "gpu":
+        from . import gpu
+        return gpu.index_scores(q, w, keys, interpret=on_cpu)
+    from jax.experimental.pallas import tpu as pltpu
+    from . import tpu
+    return tpu.index_scores(q, w, keys, interpret=pltpu.InterpretParams() if on_cpu else False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _index_scores(q, w, keys, backend):
+    return _forward(q, w, keys, backend)
+
+
+def _fwd(q, w, keys, backend):
+    return _forward(q, w, keys, backend), (q, w, keys)
+
+
+def _bwd(backend, res, g):
+    _, vjp = jax.vjp(reference.scores, *res)
+    return vjp(g)
+
+
+_index_scores.defvjp(_fwd, _bwd)
+
+
+def index_scores(q, w, keys, *, backend: str | None = None):
+    """q [B,S,nI,dI], w [B,S,nI], keys [B,C,dI] -> index scores [B,S,C] (q.dtype), bf16 semantics (spec 2.7).
+
+    backend: None picks by platform; "reference" | "gpu" | "tpu" overrides (a Pallas backend on CPU runs in
+    interpret mode). Gradients (w.r.t. q, w, keys) are the reference's VJP.
+    """
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"index_scores: unknown backend {backend!r}; available: {BACKENDS}")
+    if backend == "reference":
+        return reference.scores(q, w, keys)
+    return _index_scores(q, w, keys, backend)
+
+
+def index_topk(index_scores, n_visible, k: int, first=0, *, backend: str | None = None):
+    """Top-k visible entries (entry j visible iff first <= j < n_visible), sorted by score, -1 padded
+    -> int32 [..., k]. `first` > 0 hides earlier documents of a packed row (see v4jax.indexer.topk).
+
+    One implementation on every platform (jax.lax.top_k); `backend` is accepted for symmetry and checked.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"index_topk: unknown backend {backend!r}; available: {BACKENDS}")
+    if isinstance(first, int) and first == 0:
+        return reference.topk(index_scores, n_visible, k)
+    return reference.topk(index_scores, n_visible, k, first)
