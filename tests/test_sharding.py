@@ -43,11 +43,16 @@ def multidevice():
 
 @pytest.mark.parametrize("spec", ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2"])
 def test_sharded_forward_equals_unsharded(multidevice, spec):
+    """Expert parallelism, and context parallelism over seq, on packed documents (a boundary inside a shard)."""
     res = multidevice[spec]
     assert res["err"] < 1e-4, res                       # fp32, no quantisation: only summation order differs
     assert res["expert_spec"].startswith("PartitionSpec('expert'")
     assert res["local_experts"] == 8 // int(spec.split("expert=")[1])
     assert not res["gathers_experts"]
+    if "seq=" in spec:   # context parallel: only S/4 and S/128 rows (and MoE token groups) are gathered
+        assert res["full_seq_float_gathers"] == []
+    else:                # expert=8 alone: the expert group is every token, gathered by the MoE dispatch itself
+        assert res["full_seq_float_gathers"]
 
 
 def test_sharded_gradients_equal_unsharded(multidevice):

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 from pallas_kernels.sparse_attention import sparse_attention
 
 from . import compressor, indexer
+from jax.sharding import PartitionSpec as P
+
 from .config import ModelConfig
+from .sharding import active_axis_size
 from .layers import act_dtype, apply_rope, linear_fp8, rms_norm, rope_table, weight
 from .quant import round_to
 
@@ -104,6 +107,11 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
     t = jnp.arange(S)
     if doc_start is None:
         doc_start = jnp.zeros((B, S), jnp.int32)
+    if active_axis_size("seq") > 1:
+        if max_len is not None:
+            raise ValueError("context-parallel prefill returns no decode cache yet: prefill for generation on a "
+                             "mesh without a 'seq' axis")
+        return prefill_context_parallel(cfg, p, layer, x, inv_freq, doc_start), None
     cos, sin = rope_table(t[None, :] - doc_start, inv_freq)
     qr, q, kv = _qkv(cfg, p, x, cos, sin)
     idx = window_idx_prefill(S, W)[None]
@@ -133,6 +141,70 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
     if max_len is None:
         return out, None
     return out, _prefill_cache(cfg, layer, kv, cache, S, max_len)
+
+
+# ---- context parallelism -------------------------------------------------------------------------------
+def prefill_context_parallel(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, doc_start):
+    """`prefill` (without cache) with the sequence split over the mesh axis `seq`, inside `jax.shard_map`.
+
+    Shard j holds tokens [j L, (j+1) L) and computes their attention. From other shards it receives only: the
+    previous shard's last W-1 raw KV rows (window; ppermute), the previous block's compressor rows (CSA overlap;
+    ppermute) and every shard's compressed entries and indexer keys (all_gather of S/m rows). L must be a
+    multiple of 128 (no compression block straddles shards) and at least the window."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(mesh.shape)
+    n = sizes["seq"]
+    B, S, _ = x.shape
+    L = S // n
+    if S % n or L % 128 or L < cfg.sliding_window:
+        raise ValueError(f"context parallelism over seq={n}: the sequence length {S} must split into shards whose "
+                         f"length is a multiple of 128 and at least the window {cfg.sliding_window}")
+    batch = "data" if sizes.get("data", 1) > 1 and B % sizes["data"] == 0 else None
+    spec = P(batch, "seq")
+
+    def local(p, x, ds):
+        return _prefill_shard(cfg, p, layer, x, ds, inv_freq, jax.lax.axis_index("seq") * L, S, n)
+
+    p_spec = jax.tree.map(lambda _: P(), p)
+    return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, spec, spec), out_specs=spec)(p, x, doc_start)
+
+
+def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S: int, n: int):
+    """One sequence shard: x [b, L, d] at global positions s0.., ds [b, L] document starts (global)."""
+    b, L, _ = x.shape
+    m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
+    t = s0 + jnp.arange(L)
+    cos, sin = rope_table(t[None, :] - ds, inv_freq)
+    qr, q, kv = _qkv(cfg, p, x, cos, sin)
+    to_next = [(i, i + 1) for i in range(n - 1)]
+    prev_tail = jax.lax.ppermute(kv[:, L - (W - 1):], "seq", to_next)              # zeros on shard 0
+    pool = jnp.concatenate([prev_tail, kv], axis=1)                                  # [b, W-1+L, K]
+    g = jnp.maximum(t - W + 1, 0)[:, None] + jnp.arange(W)[None, :]                 # global window tokens
+    g = jnp.where(g > t[:, None], -1, g)[None]
+    idx = jnp.where((g >= 0) & (g >= ds[..., None]), g - s0 + (W - 1), -1)
+    if m:
+        n_visible, first, C = (t + 1) // m, (ds + m - 1) // m, S // m
+
+        def gathered(pc, D, is_indexer):
+            prev = None
+            if m == 4:
+                tail = compressor.project_tail(pc, x, m, s0)
+                prev = tuple(jax.lax.ppermute(a, "seq", to_next) for a in tail)
+            e, _ = compressor.prefill(cfg, pc, x, m, D, inv_freq, indexer=is_indexer, doc_start=ds, start=s0,
+                                      prev=prev)
+            return jax.lax.all_gather(e, "seq", axis=1, tiled=True)                 # [b, S//m, D]
+
+        entries = gathered(p["compressor"], hd, False)
+        if m == 4:
+            keys = gathered(p["indexer"]["compressor"], cfg.index_head_dim, True)
+            qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
+            cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible, min(cfg.index_topk, C), first)
+        else:
+            cidx = all_entries_idx(n_visible, C, first)
+        pool = jnp.concatenate([pool, entries], axis=1)
+        idx = jnp.concatenate([idx, _offset(cidx, W - 1 + L)], axis=-1)
+    o = _attend(cfg, p, q, pool, idx)
+    return _output(cfg, p, o, cos, sin)
 
 
 def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int) -> dict:

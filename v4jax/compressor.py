@@ -33,10 +33,16 @@ def _pool(kv: jax.Array, score: jax.Array) -> jax.Array:
     return jnp.sum(kv * jax.nn.softmax(score, axis=-2), axis=-2)
 
 
-def _overlap_slots(kv: jax.Array, score: jax.Array, D: int) -> tuple[jax.Array, jax.Array]:
-    """[B, n, m, 2D] blocks -> [B, n, 2m, D] slots: previous block's first half, then own block's second half."""
-    prev_kv = jnp.pad(kv[:, :-1, :, :D], ((0, 0), (1, 0), (0, 0), (0, 0)))
-    prev_sc = jnp.pad(score[:, :-1, :, :D], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+def _overlap_slots(kv: jax.Array, score: jax.Array, D: int, prev=None) -> tuple[jax.Array, jax.Array]:
+    """[B, n, m, 2D] blocks -> [B, n, 2m, D] slots: previous block's first half, then own block's second half.
+    prev: (kv, score) [B, m, 2D] rows of the block before the first one (default: none, i.e. 0 / -inf)."""
+    if prev is None:
+        first_kv = jnp.zeros_like(kv[:, :1, :, :D])
+        first_sc = jnp.full_like(score[:, :1, :, :D], -jnp.inf)
+    else:
+        first_kv, first_sc = prev[0][:, None, :, :D], prev[1][:, None, :, :D]
+    prev_kv = jnp.concatenate([first_kv, kv[:, :-1, :, :D]], axis=1)
+    prev_sc = jnp.concatenate([first_sc, score[:, :-1, :, :D]], axis=1)
     return (jnp.concatenate([prev_kv, kv[..., D:]], axis=2),
             jnp.concatenate([prev_sc, score[..., D:]], axis=2))
 
@@ -67,14 +73,16 @@ def state_shape(m: int, D: int) -> tuple[int, int]:
 
 
 def prefill(cfg: ModelConfig, p: dict, x: jax.Array, m: int, D: int, inv_freq, indexer: bool = False,
-            doc_start: jax.Array | None = None):
+            doc_start: jax.Array | None = None, start=0, prev=None):
     """x [B, S, d] -> (entries [B, S//m, D], state (kv, score) [B, rows, channels] for decode).
 
     doc_start [B, S] (packed rows): an entry's RoPE position is relative to its document, and the overlapping
-    variant never pools the previous block across a document start."""
+    variant never pools the previous block across a document start.
+    Context parallelism: `start` is the global position of x's first token (a multiple of m), `prev` the
+    (kv, score) rows of the block before it (see `project_tail`)."""
     B, S, _ = x.shape
     overlap = m == 4
-    kv, score = _project(p, x, jnp.arange(S), m)
+    kv, score = _project(p, x, start + jnp.arange(S), m)
     n = S // m
     rows, ch = state_shape(m, D)
     st_kv = jnp.zeros((B, rows, ch), f32)
@@ -88,18 +96,25 @@ def prefill(cfg: ModelConfig, p: dict, x: jax.Array, m: int, D: int, inv_freq, i
         return jnp.zeros((B, 0, D), act_dtype(cfg)), (st_kv, st_sc)
     kvb = kv[:, :n * m].reshape(B, n, m, -1)
     scb = score[:, :n * m].reshape(B, n, m, -1)
-    block_start = jnp.arange(n) * m
-    ds = jnp.zeros((B, n), jnp.int32) if doc_start is None else doc_start[:, block_start]      # [B, n]
+    block_start = start + jnp.arange(n) * m
+    ds = jnp.zeros((B, n), jnp.int32) if doc_start is None else doc_start[:, jnp.arange(n) * m]   # [B, n]
     if overlap:
         st_kv = st_kv.at[:, :m].set(kvb[:, -1])
         st_sc = st_sc.at[:, :m].set(scb[:, -1])
-        kvb, scb = _overlap_slots(kvb, scb, D)
+        kvb, scb = _overlap_slots(kvb, scb, D, prev)
         if doc_start is not None:   # previous block in another document: its half does not take part
             prev_ok = (block_start - m >= ds)[:, :, None, None]
             scb = scb.at[:, :, :m].set(jnp.where(prev_ok, scb[:, :, :m], -jnp.inf))
     pooled = _pool(kvb, scb)
     entries = finish(cfg, p, pooled, block_start - ds, inv_freq, indexer)
     return entries, (st_kv, st_sc)
+
+
+def project_tail(p: dict, x: jax.Array, m: int, start) -> tuple[jax.Array, jax.Array]:
+    """fp32 (kv, score) rows of the last m tokens of x [B, S, d] (x's first token at global position `start`):
+    what the next sequence shard's overlapping compressor needs as `prev`."""
+    S = x.shape[1]
+    return _project(p, x[:, S - m:], start + S - m + jnp.arange(m), m)
 
 
 def decode(cfg: ModelConfig, p: dict, x: jax.Array, pos: jax.Array, state, m: int, D: int, inv_freq,

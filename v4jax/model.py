@@ -27,6 +27,7 @@ from .hyper import hc_head, hc_post, hc_pre
 from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
 from .moe import moe
 from .quant import round_to
+from .sharding import constrain
 
 f32 = jnp.float32
 
@@ -75,7 +76,8 @@ def _block_decode(cfg: ModelConfig, p: dict, layer: int, X, token, pos, c):
 
 def _embed(cfg: ModelConfig, params: dict, tokens):
     h = params["embed"]["weight"][tokens].astype(act_dtype(cfg))               # [B,S,D]
-    return jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (cfg.hc_mult, cfg.dim))
+    X = jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (cfg.hc_mult, cfg.dim))
+    return constrain(X, ("batch", "seq_len", None, None))
 
 
 def _head(cfg: ModelConfig, p: dict, head_w, X):

@@ -27,12 +27,14 @@ f32 = jnp.float32
 
 
 def route(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array):
-    """x [T, d], tokens [T] -> (expert ids [T, k] int32, weights [T, k] fp32, gate scores a [T, E] fp32)."""
+    """x [..., d], tokens [...] -> (expert ids [..., k] int32, weights [..., k] fp32, gate scores a [..., E])."""
     a = jnp.sqrt(jax.nn.softplus(linear_f32(p, x)))
     if "tid2eid" in p:
         ids = p["tid2eid"][tokens].astype(jnp.int32)
     else:
-        _, ids = jax.lax.top_k(a + p["bias"].astype(f32), cfg.num_experts_per_tok)
+        # top-k as a stable descending sort (ties: lower id first, like lax.top_k): XLA partitions a sort along
+        # the token dims, while its TopK lowering flattens them and gathers a sequence-sharded input
+        ids = jnp.argsort(-(a + p["bias"].astype(f32)), axis=-1, stable=True)[..., :cfg.num_experts_per_tok]
     w = jnp.take_along_axis(a, ids, axis=-1)
     w = w / jnp.sum(w, axis=-1, keepdims=True) * cfg.routed_scaling_factor
     return ids.astype(jnp.int32), w, a
@@ -98,25 +100,29 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
 
 def routed_sum_expert_parallel(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array):
     """`routed_sum` with the experts split over the mesh axis `expert`, inside `jax.shard_map`.
+    x [B, S, d], ids/w [B, S, k] -> [B, S, d] fp32.
 
-    When the tokens divide over (data, seq, expert), each device gathers the tokens of its expert group
-    (all_gather over `expert`), runs its own experts, and the partial sums go back to the tokens' owners with
-    one reduce-scatter. Otherwise (e.g. decode with a small batch) tokens stay replicated and the partial sums
-    are all-reduced. Experts never move; only activations do."""
+    When the tokens divide (batch over `data`, sequence over (`seq`, `expert`)), each device gathers the tokens
+    of its expert group (all_gather over `expert`), runs its own experts, and the partial sums go back to the
+    tokens' owners with one reduce-scatter. Otherwise (e.g. decode with a small batch) tokens stay replicated and
+    the partial sums are all-reduced. Experts never move; only activations do."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape)
-    tok_axes = tuple(a for a in ("data", "seq", "expert") if sizes.get(a, 1) > 1)
-    n_tok = int(np.prod([sizes[a] for a in tok_axes]))
-    scatter = x.shape[0] % n_tok == 0
-    tok = P(tok_axes) if scatter else P()
+    B, S, d = x.shape
+    n_data = sizes.get("data", 1)
+    seq_axes = tuple(a for a in ("seq", "expert") if sizes.get(a, 1) > 1)
+    scatter = B % n_data == 0 and S % int(np.prod([sizes[a] for a in seq_axes])) == 0
+    tok = P("data" if n_data > 1 else None, seq_axes) if scatter else P()
     E_loc = cfg.n_routed_experts // sizes["expert"]
 
     def local(x, ids, w, pe):
         if scatter:
-            x, ids, w = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, ids, w))
-        y = routed_sum(cfg, pe, x, ids, w, first=jax.lax.axis_index("expert") * E_loc)
+            x, ids, w = (jax.lax.all_gather(a, "expert", axis=1, tiled=True) for a in (x, ids, w))
+        b, s, _ = x.shape
+        y = routed_sum(cfg, pe, x.reshape(b * s, d), ids.reshape(b * s, -1), w.reshape(b * s, -1),
+                       first=jax.lax.axis_index("expert") * E_loc).reshape(b, s, d)
         if scatter:
-            return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+            return jax.lax.psum_scatter(y, "expert", scatter_dimension=1, tiled=True)
         return jax.lax.psum(y, "expert")
 
     pe_spec = jax.tree.map(lambda _: P("expert"), p)
@@ -139,13 +145,16 @@ def router_stats(cfg: ModelConfig, ids: jax.Array, a: jax.Array, B: int) -> dict
 def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, with_stats: bool = False):
     """x [B, S, d] (normed), tokens [B, S] -> [B, S, d] (and router statistics if asked)."""
     B, S, d = x.shape
-    xt, tt = x.reshape(B * S, d), tokens.reshape(B * S)
-    ids, w, a = route(cfg, p["gate"], layer, xt, tt)
+    ids, w, a = route(cfg, p["gate"], layer, x, tokens)                                     # [B, S, k|E]
     if active_axis_size("expert") > 1:
-        y = routed_sum_expert_parallel(cfg, p["experts"], xt, ids, w)
+        y = routed_sum_expert_parallel(cfg, p["experts"], x, ids, w)
     else:
-        y = routed_sum(cfg, p["experts"], xt, ids, w)
+        k = ids.shape[-1]
+        y = routed_sum(cfg, p["experts"], x.reshape(B * S, d), ids.reshape(B * S, k),
+                       w.reshape(B * S, k)).reshape(B, S, d)
     if "shared_experts" in p:  # the shared expert stays local
-        y = y + shared_expert(cfg, p["shared_experts"], xt).astype(f32)
-    y = quant.round_to(y, act_dtype(cfg)).reshape(B, S, d)
-    return (y, router_stats(cfg, ids, a, B)) if with_stats else y
+        y = y + shared_expert(cfg, p["shared_experts"], x).astype(f32)
+    y = quant.round_to(y, act_dtype(cfg))
+    if not with_stats:
+        return y
+    return y, router_stats(cfg, ids.reshape(B * S, -1), a.reshape(B * S, -1), B)

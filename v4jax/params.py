@@ -79,11 +79,11 @@ def _block(cfg: ModelConfig, layer: int, prefix: str, experts_storage: str, lin:
         p[ip + "compressor.wgate.weight"] = Param((2 * dI, d), "bf16", (None, "embed"), "normal")
         p[ip + "compressor.norm.weight"] = Param((dI,), "bf16", (None,), "ones")
     f = "ffn."
-    p[f + "gate.weight"] = Param((E, d), "bf16", ("expert", "embed"), "normal")
+    p[f + "gate.weight"] = Param((E, d), "bf16", ("router", "embed"), "normal")   # small: replicated
     if cfg.is_hash_layer(layer) and layer < cfg.n_layers:
         p[f + "gate.tid2eid"] = Param((cfg.vocab_size, cfg.num_experts_per_tok), "i32", ("vocab", None), "hash")
     else:
-        p[f + "gate.bias"] = Param((E,), "f32", ("expert",), "small")
+        p[f + "gate.bias"] = Param((E,), "f32", ("router",), "small")
     for w, shape in (("w1", (F, d)), ("w3", (F, d)), ("w2", (d, F))):
         ax = ("mlp", "embed") if w != "w2" else ("embed", "mlp")
         p[f + f"experts.{w}.weight"] = Param((E,) + shape, experts_storage, ("expert",) + ax, "normal")

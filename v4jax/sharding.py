@@ -27,11 +27,12 @@ AXES = ("data", "expert", "seq", "tensor")
 
 # logical axis (params.py declarations, activations) -> mesh axis; anything not listed is replicated
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "expert": "expert",        # stacked routed experts, router rows, gate bias
+    "expert": "expert",        # stacked routed experts (the router, "router", stays replicated)
     "q_heads": "tensor",       # wq_b rows (head-major)
     "o_groups": "tensor",      # wo_a rows / wo_b columns (one output group per shard)
     "heads": "tensor",         # attn_sink
     "batch": "data",
+    "seq_len": "seq",          # activations [B, S, ...]
     "tokens": ("data", "seq", "expert"),   # flattened B*S tokens inside the MoE
 }
 
@@ -135,3 +136,11 @@ def active_axis_size(name: str) -> int:
     if mesh is None or mesh.empty or name not in mesh.axis_names:
         return 1
     return dict(mesh.shape)[name]
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """with_sharding_constraint by logical axes under the current mesh (no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))

@@ -4,6 +4,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
@@ -16,22 +17,29 @@ from v4jax import sharding as sh  # noqa: E402
 out = {}
 cfg = v4jax.ModelConfig.preset("tiny", quant_sim=False, compute_dtype="float32")
 params = v4jax.init_params(cfg, jax.random.key(0), dtype="bf16")
-toks = jax.random.randint(jax.random.key(1), (4, 136), 0, cfg.vocab_size)
-ref = v4jax.forward(cfg, params, toks)
+# S = 512 so every seq shard is a multiple of 128 long; two packed documents, the boundary (300) inside a shard
+S = 512
+toks = jax.random.randint(jax.random.key(1), (2, S), 0, cfg.vocab_size)
+seg = jnp.concatenate([jnp.ones((2, 300), jnp.int32), jnp.full((2, S - 300), 2, jnp.int32)], 1)
+ref = v4jax.forward(cfg, params, toks, seg)
 for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2"]:
     mesh = sh.make_mesh(spec)
     with jax.set_mesh(mesh):
         ps = sh.place(cfg, params)
-        t = jax.device_put(toks, NamedSharding(mesh, P("data")))
-        got = v4jax.forward(cfg, ps, t)
-        hlo = jax.jit(lambda p, t: v4jax.forward(cfg, p, t)).lower(ps, t).compile().as_text()
+        t, sg = (jax.device_put(a, NamedSharding(mesh, P("data", "seq"))) for a in (toks, seg))
+        got = v4jax.forward(cfg, ps, t, sg)
+        hlo = jax.jit(lambda p, t, s: v4jax.forward(cfg, p, t, s)).lower(ps, t, sg).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+    shapes = [re.search(r"= \(?(\w+)\[([\d,]*)\]", g) for g in gathers]
     w1 = ps["layers"]["3"]["ffn"]["experts"]["w1"]["weight"]
     out[spec] = {"err": float(jnp.max(jnp.abs(got - ref))), "expert_spec": str(w1.sharding.spec),
                  "local_experts": int(w1.addressable_shards[0].data.shape[0]),
                  # experts never move: no collective produces a full [E, F, D] expert stack
-                 "gathers_experts": f"all-gather(" in hlo and any(
-                     f"[{cfg.n_routed_experts},{cfg.moe_intermediate_size},{cfg.dim}]" in line
-                     for line in hlo.splitlines() if "all-gather" in line)}
+                 "gathers_experts": any(f"[{cfg.n_routed_experts},{cfg.moe_intermediate_size},{cfg.dim}]" in g
+                                        for g in gathers),
+                 # context parallelism: no float all-gather has a full-sequence dimension
+                 "full_seq_float_gathers": [m.group(0) for m in shapes if m and m.group(1).startswith(("f", "bf"))
+                                            and str(S) in m.group(2).split(",")]}
 
 # gradients (training path) under data=2 x expert=4
 tcfg = v4jax.ModelConfig.preset("tiny-pro", quant_sim=False, compute_dtype="float32")
@@ -60,6 +68,7 @@ out["grad_max_rel"] = max(rel.values())
 out["grad_worst"] = max(rel, key=rel.get)
 
 # decode with a sharded cache under data=2 x expert=4 (B=4: tokens split; B=1 would replicate)
+toks = jax.random.randint(jax.random.key(1), (4, 136), 0, cfg.vocab_size)
 lp, cache = v4jax.prefill(cfg, params, toks[:, :100], max_len=136)
 with jax.set_mesh(mesh):
     ps = sh.place(cfg, params)
