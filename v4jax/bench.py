@@ -3,6 +3,8 @@
 Subcommands (each is a function taking the parsed arguments; add yours with a parser in `_parsers`):
   kernels   sparse attention (and indexer scoring) kernels vs the jnp reference and dense-mask attention, at the
             Flash and Pro shapes, with roofline numbers measured in the same run (device copy, bf16 matmul).
+  load      streaming checkpoint load: disk -> device GB/s and peak host RSS (v4jax/bench_load.py).
+  moe       the MoE grouped matmul at Flash expert shapes, TFLOP/s vs bf16 peak (v4jax/bench_moe.py).
 
 Timing: warm-up calls first (compilation excluded), then samples of n back-to-back calls (n chosen so that a sample
 lasts a few ms; the inputs rotate among several sets so small pools are not served from L2), each sample ended
@@ -408,6 +410,10 @@ def _parsers(sub):
     k.add_argument("--json", default=None, help="write the raw results here")
     k.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU test of the script itself)")
     k.set_defaults(func=bench_kernels)
+    # the other benches live in their own modules (imported here: they import helpers from this one)
+    from v4jax import bench_load, bench_moe
+    bench_load.add_parser(sub)
+    bench_moe.add_parser(sub)
 
 
 def main(argv=None) -> int:

@@ -162,8 +162,8 @@ def bench_moe(args) -> int:
     if on_gpu and not args.no_tune:
         x, h, gs = inputs(T_tune)
         fl = 3 * 2 * T_tune * TOPK * d * f
-        # (block_m, block_n, block_k, warps, stages, w_lhs); the first run's sweep (docs/benchmarks.md) also had
-        # bf16 128/128/64/8/3, 64/128/64/4/4, 256/128/64/8/3 and fp8 128/256/64/8/3, fp4 128/256/64/8/3: all slower
+        # (block_m, block_n, block_k, warps, stages, w_lhs); a first sweep (docs/benchmarks.md) also had bf16
+        # 128/128/64/8/3, 64/128/64/4/4, 256/128/64/8/3, fp8 128/256/64/8/3 and fp4 128/256/64/8/3: all slower
         grids = {"bf16": [(128, 256, 64, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 64, 4, 4, False)],
                  "fp8": [(128, 128, 128, 8, 3, False), (128, 128, 128, 8, 3, True), (128, 128, 64, 4, 4, True),
                          (256, 128, 64, 8, 3, True)],

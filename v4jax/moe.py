@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.grouped_matmul import grouped_matmul
+
 from . import quant
 from .config import ModelConfig
 from .sharding import active_axis_size
-from .layers import act_dtype, linear_f32, linear_fp8, weight
+from .layers import act_dtype, linear_f32, linear_fp8
 
 f32 = jnp.float32
 
@@ -58,10 +60,11 @@ def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
     return linear_fp8(cfg, p["w2"], h)
 
 
-def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
-    """x [N, in] sorted by group, w [E, out, in] -> [N, out] fp32 (fp32 accumulation; rows past the groups: 0)."""
-    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, precision=jax.lax.Precision.HIGHEST,
-                              preferred_element_type=f32)
+def _grouped(x: jax.Array, w_node: dict, sizes: jax.Array, dt) -> jax.Array:
+    """x [N, in] sorted by group, w_node {"weight" [E, out, in] (bf16, FP8 or packed FP4), "scale"?} -> [N, out]
+    in dt: fp32 accumulation, rows past the groups 0. The Pallas grouped matmul on GPU (weights decoded in the
+    kernel), `ragged_dot` elsewhere."""
+    return grouped_matmul(x, w_node, sizes, out_dtype=dt)
 
 
 def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array, first=0) -> jax.Array:
@@ -84,12 +87,12 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
     xs = x[order // k]
-    g = quant.round_to(_grouped(xs, weight(p["w1"], dt), sizes), dt)
-    u = quant.round_to(_grouped(xs, weight(p["w3"], dt), sizes), dt)
+    g = _grouped(xs, p["w1"], sizes, dt)
+    u = _grouped(xs, p["w3"], sizes, dt)
     h = swiglu(cfg, g, u, w.reshape(-1)[order])
     if cfg.quant_sim:
         h = quant.fp8_sim(h, 128)
-    out = quant.round_to(_grouped(h, weight(p["w2"], dt), sizes), dt)
+    out = _grouped(h, p["w2"], sizes, dt)
     out = jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)
     out = jnp.where(local[..., None], out, 0)
     y = out[:, 0].astype(f32)

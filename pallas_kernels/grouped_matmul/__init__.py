@@ -1,0 +1,102 @@
+"""Grouped matmul over rows sorted by group (the MoE experts): one public function, backends picked by platform."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .reference import grouped_matmul as _reference
+
+BACKENDS = ("reference", "gpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The backend `grouped_matmul` uses on `platform` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda") else "reference"
+
+
+def _split(w_node):
+    if isinstance(w_node, dict):
+        return w_node["weight"], w_node.get("scale")
+    return w_node, None
+
+
+def dequantize(w, scale, dtype=jnp.bfloat16):
+    """The logical [E, out, in] weight of (w, scale): bf16/fp32 as is, FP8 + 128x128 E8M0, or packed FP4 + 1x32
+    E8M0 (exact, as `v4jax.layers.weight`)."""
+    if scale is None:
+        return w.astype(dtype)
+    from v4jax import quant                      # lazy: v4jax imports this package (no import cycle)
+    if w.dtype == jnp.int8:
+        return quant.dequant_fp4_weight(w, scale, dtype)
+    return quant.dequant_fp8_weight(w, scale, dtype)
+
+
+def _ref_node(x, w, scale, group_sizes, out_dtype):
+    y = _reference(x, dequantize(w, scale, x.dtype), group_sizes)
+    if jnp.dtype(out_dtype) == jnp.bfloat16:      # a rounding XLA keeps (as quant.round_to): no excess precision
+        y = jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=7)
+    return y.astype(out_dtype)
+
+
+def _kernel(x, w, scale, group_sizes, out_dtype, transpose_w=False):
+    from . import gpu
+    return gpu.grouped_matmul(x, w, group_sizes, scale, transpose_w=transpose_w, out_dtype=out_dtype,
+                              interpret=jax.default_backend() == "cpu")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(x, w, scale, group_sizes, out_dtype):
+    return _kernel(x, w, scale, group_sizes, out_dtype)
+
+
+def _fwd(x, w, scale, group_sizes, out_dtype):
+    return _kernel(x, w, scale, group_sizes, out_dtype), (x, w, scale, group_sizes)
+
+
+def _bwd(out_dtype, res, g):
+    x, w, scale, group_sizes = res
+    if scale is None:
+        # dx[r] = dy[r] @ w[g(r)]: the kernel with the weight read as [E, in, out] (dy rounded to x's dtype)
+        dx = _kernel(g.astype(x.dtype), w, None, group_sizes, x.dtype, transpose_w=True)
+        # dw[e] = dy_e^T x_e: the reference's VJP (ragged_dot transpose) -- not yet a Pallas kernel
+        _, vjp = jax.vjp(lambda w_: _reference(x, w_, group_sizes), w)
+        (dw,) = vjp(g.astype(jnp.float32))
+        return dx, dw.astype(w.dtype), None, None
+    # quantised weights are frozen: only dx, through the reference on the dequantised weight
+    _, vjp = jax.vjp(lambda x_: _ref_node(x_, w, scale, group_sizes, jnp.float32), x)
+    (dx,) = vjp(g.astype(jnp.float32))
+    return dx, None, None, None
+
+
+_gmm.defvjp(_fwd, _bwd)
+
+
+def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str | None = None,
+                   out_dtype=jnp.float32) -> jax.Array:
+    """x [N, in] (rows sorted by group), w_node = {"weight": [E, out, in], optional "scale"} (or a bare weight
+    array), group_sizes [E] int32 -> [N, out] in out_dtype (fp32 by default); rows past sum(group_sizes) are 0.
+
+    Weight formats (the params tree's, used natively): bf16/fp32; FP8 e4m3 + E8M0 [E, out/128, in/128];
+    FP4 packed int8 [E, out, in/2] + E8M0 [E, out, in/32]. Numerics: the product of x with the exactly
+    dequantised weight, fp32 accumulation, then out_dtype (bf16 output = RNE rounding that XLA keeps, as
+    `quant.round_to`: the kernel rounds in-kernel, the reference through reduce_precision).
+
+    backend: None picks by platform ("gpu": the Pallas/Triton kernel of gpu.py on NVIDIA GPUs, "reference":
+    `jax.lax.ragged_dot` elsewhere); a non-bf16 x always takes the reference (the kernel multiplies bf16).
+    The "gpu" backend asked for on CPU runs in Pallas interpret mode.
+
+    Differentiable (jax.custom_vjp) w.r.t. x and a bf16/fp32 weight: dx by the same kernel with the weight read
+    transposed, dw by the reference's VJP (ragged_dot's transpose; a Pallas dw kernel is future work).
+    Quantised weights get no gradient (None); their dx goes through the reference's VJP.
+    """
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_matmul: unknown backend {backend!r}; available: {BACKENDS}")
+    w, scale = _split(w_node)
+    group_sizes = group_sizes.astype(jnp.int32)
+    if backend == "reference" or x.dtype != jnp.bfloat16:
+        return _ref_node(x, w, scale, group_sizes, out_dtype)
+    return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype))

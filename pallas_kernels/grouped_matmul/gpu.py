@@ -1,0 +1,229 @@
+"""Grouped matmul for NVIDIA GPUs: Pallas with the Triton backend (`jax.experimental.pallas.triton`).
+
+out[r] = x[r] @ w[g(r)]^T for the rows r of group g (x sorted by group), 0 for rows past sum(group_sizes).
+
+Tiling. The grid is (out tiles, row tiles); one program computes a [block_m, block_n] output tile with a K loop
+of [block_m, block_k] x [block_k, block_n] dots (fp32 accumulator, Triton software-pipelines the loads).
+Each row tile belongs to exactly ONE group: the groups are "virtually padded" to a multiple of block_m, i.e. group g
+gets ceil(size_g / block_m) tiles starting at its own first row, and a tile's rows past its group's end are loaded
+(clamped to N - 1, harmless) but never stored. Nothing is copied or padded in memory: the tile -> (group, first
+row, end row) map is a small int32 [3, T] array computed from group_sizes with jnp ops before the pallas_call
+(`tile_map`), T = a static upper bound on the tile count; tiles past the real count store nothing. The rows past
+sum(group_sizes) form one more pseudo-group whose tiles store zeros. The out-tile axis is the fastest grid axis:
+the programs running together share one x row tile per 16 (Flash) out tiles and the weights of the 2-3 experts
+in flight, which L2 holds, so x is read from memory once and each expert's weight about once.
+
+Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
+  * bf16: used as is.
+  * FP8 e4m3 + E8M0 per-128x128 block scales ([E, ceil(out/128), ceil(in/128)], passed as fp32): the weight tile
+    is upcast to fp32, multiplied by its block scale (exact: powers of two) and rounded to bf16 (exact), then a
+    bf16 x bf16 dot -- the same product as dequantise-then-matmul. block_k must divide 128.
+  * FP4 e2m1 packed two per int8 ([E, out, in/2], element 2k in the low nibble) + E8M0 per-32 scales
+    ([E, out, in/32], passed as uint8 codes): each nibble is rewritten as the e4m3 byte of value/64
+    (sign<<7 | (e1 e0 m)<<2 -- exact, e2m1 subnormal 0.5 becomes an e4m3 subnormal), upcast, times 64 * scale,
+    rounded to bf16 (exact), the low/high halves interleaved (tt.join) into the [block_n, block_k] tile.
+    E8M0 code 0 (2^-127) decodes to 0 and 255 (NaN) to inf here. block_k must be a multiple of 32.
+  * transpose_w=True (bf16 only): w is used as [E, in, out] (out[r] = x[r] @ w[g]), the VJP's dx.
+
+Numerics: fp32 accumulation of bf16 x bf16 products, result cast to out_dtype (fp32 default; bf16 with RNE, the
+same rounding as `quant.round_to`). Pointer offsets: 32-bit unless an operand exceeds 4 GiB (then 64-bit).
+
+Measured on an H100 (docs/benchmarks.md, one MoE layer's w1/w3/w2 at the Flash shapes): bf16 weights 470 TFLOP/s at
+16K tokens (78% of the measured bf16 matmul peak), 588 at 64K; at 1K-4K tokens the time (5.1-5.4 ms) is the weight
+read (12.9 GB, floor 4.7 ms). On-device results equal XLA's own GEMMs bit for bit. FP8 weights: 311 TFLOP/s at 16K
+(52%), slower than bf16 at every size: decoding the weight tile (fp8 -> fp32 x scale -> bf16) costs issue slots
+per row tile, so FP8 pays off in memory, not time; FP4 241 TFLOP/s at 16K (40%). An FP8 x FP8 wgmma with
+per-128 block promotion (the activations are FP8-simulated anyway under quant_sim) would be the next step.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+f32 = jnp.float32
+
+# launch defaults per weight format: the fastest of the sweeps in docs/benchmarks.md (H100, Flash expert shapes,
+# 16K tokens): (block_m, block_n, block_k, num_warps, num_stages, w_lhs)
+DEFAULTS = {"bf16": (128, 256, 64, 8, 4, False), "fp8": (256, 128, 64, 8, 3, True),
+            "fp4": (128, 128, 64, 4, 4, False)}
+
+
+def num_tiles(N: int, E: int, block_m: int) -> int:
+    """Static upper bound on sum_g ceil(size_g / block_m) over the E groups and the tail pseudo-group."""
+    if N == 0:
+        return 0
+    groups = min(E + 1, N)                                      # at most N groups are non-empty
+    return (N + groups * (block_m - 1)) // block_m
+
+
+def tile_map(group_sizes: jax.Array, N: int, block_m: int) -> jax.Array:
+    """group_sizes [E] -> int32 [3, T]: per row tile (group, first row, end row); group E = the rows past the
+    groups (stored as zeros); unused tiles have first row = end row = 0 (nothing stored)."""
+    E = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), N)
+    zero = jnp.zeros((1,), jnp.int32)
+    starts = jnp.concatenate([zero, ends[:-1]]) if E else zero[:0]
+    total = ends[-1:] if E else zero
+    starts = jnp.concatenate([starts, total])
+    ends = jnp.concatenate([ends, jnp.full((1,), N, jnp.int32)])
+    ntile = (ends - starts + block_m - 1) // block_m
+    tend = jnp.cumsum(ntile)
+    tstart = tend - ntile
+    T = num_tiles(N, E, block_m)
+    t = jnp.arange(T, dtype=jnp.int32)
+    g = jnp.searchsorted(tend, t, side="right", method="compare_all").astype(jnp.int32)
+    valid = g <= E
+    gc = jnp.minimum(g, E)
+    row0 = starts[gc] + (t - tstart[gc]) * block_m
+    rend = jnp.minimum(row0 + block_m, ends[gc])
+    return jnp.stack([gc, jnp.where(valid, row0, 0), jnp.where(valid, rend, 0)]).astype(jnp.int32)
+
+
+def _f8_of_nibble(nib):
+    """e2m1 nibble (int32) -> float8_e4m3fn of value / 64 (exact)."""
+    b = ((nib & 7) << 2) | ((nib & 8) << 4)
+    return jax.lax.bitcast_convert_type(b.astype(jnp.int8), jnp.float8_e4m3fn)
+
+
+def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs):
+    if fmt == "bf16":
+        s_ref, (o_ref,) = None, rest
+    else:
+        s_ref, o_ref = rest
+    j = pl.program_id(0)                                              # out tile
+    t = pl.program_id(1)                                              # row tile
+    g = meta_ref[0, t]
+    row0 = meta_ref[1, t]
+    rend = meta_ref[2, t]
+    iota = lambda n: jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    # All indices are index arrays (Triton: make_range + offsets, contiguous where an iota is added to a scalar;
+    # interpret mode: gathers). Loads clamp rows/columns into the array (rows past the group are computed and
+    # dropped); stores use the unclamped, distinct indices under a mask.
+    rows = row0 + iota(bm)
+    cols = j * bn + iota(bn)
+    xr = jnp.minimum(rows, N - 1)[:, None]                             # [bm, 1]
+    wcol = cols if O % bn == 0 else jnp.minimum(cols, O - 1)
+    wc = wcol[:, None]                                                 # [bn, 1]
+    mask = (rows < rend)[:, None] & (cols < O)[None, :]
+    o_at = o_ref.at[rows[:, None], cols[None, :]]
+
+    def kcols(k0, n):
+        return (k0 + iota(n))[None, :]                                 # [1, n]
+
+    def weight_tile(k0):
+        """[bn, bk] bf16: w[g, cols, k0:k0+bk], dequantised."""
+        if fmt == "bf16":
+            return w_ref[g, wc, kcols(k0, bk)]
+        if fmt == "fp8":
+            w8 = w_ref[g, wc, kcols(k0, bk)]
+            s = s_ref[g, wc // 128, k0 // 128]                        # [bn, 1] fp32 block scales
+            return (w8.astype(f32) * s).astype(jnp.bfloat16)
+        b = w_ref[g, wc, kcols(k0 // 2, bk // 2)].astype(jnp.int32)    # [bn, bk/2] packed pairs
+        codes = s_ref[g, wc, kcols(k0 // 32, bk // 32)].astype(jnp.int32)   # [bn, bk/32] E8M0 codes
+        sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+        sc = jnp.broadcast_to(sc[:, :, None], (bn, bk // 32, 16)).reshape(bn, bk // 2)
+        lo = (_f8_of_nibble(b & 15).astype(f32) * sc).astype(jnp.bfloat16)
+        hi = (_f8_of_nibble((b >> 4) & 15).astype(f32) * sc).astype(jnp.bfloat16)
+        return jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
+
+    @pl.when((rend > row0) & (g < E))
+    def _compute():
+        def body(kk, acc):
+            k0 = pl.multiple_of(kk * bk, bk)
+            xt = x_ref[xr, kcols(k0, bk)]                              # [bm, bk]
+            if transpose_w:
+                wt = w_ref[g, (k0 + iota(bk))[:, None], wcol[None, :]]          # [bk, bn]
+                return acc + jnp.dot(xt, wt, preferred_element_type=f32)
+            wt = weight_tile(k0)
+            if w_lhs:                                                  # acc^T [bn, bm] = w_tile . x_tile^T
+                return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+
+        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32))
+        if w_lhs:
+            acc = acc.T
+        pltriton.store(o_at, acc.astype(o_ref.dtype), mask=mask)
+
+    @pl.when((rend > row0) & (g == E))
+    def _zeros():
+        pltriton.store(o_at, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
+
+
+def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
+    if scale is None:
+        return "bf16"
+    if w.dtype == jnp.int8:
+        return "fp4"
+    if w.dtype == jnp.float8_e4m3fn:
+        return "fp8"
+    raise ValueError(f"grouped_matmul(gpu): unsupported quantised weight dtype {w.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
+                                             "num_warps", "num_stages", "w_lhs", "interpret"))
+def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
+                   block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
+                   interpret: bool = False):
+    """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
+    FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
+
+    transpose_w (bf16 only): w is [E, in, out] and out[r] = x[r] @ w[g]. block_k is lowered to a divisor of `in`.
+    w_lhs: compute each tile as (w_tile . x_tile^T)^T, the decoded weight as the dot's left operand (wgmma can
+    take its A operand from registers, B only from shared memory); ignored with transpose_w.
+    Launch parameters left None take the format's DEFAULTS.
+    """
+    fmt = weight_format(w, scale)
+    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), DEFAULTS[fmt]))
+    block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
+    num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
+    w_lhs = d["w_lhs"] if w_lhs is None else w_lhs
+    N, K = x.shape
+    E = w.shape[0]
+    if transpose_w:
+        if fmt != "bf16":
+            raise NotImplementedError("grouped_matmul(gpu): transpose_w needs bf16 weights")
+        Kw, O = w.shape[1], w.shape[2]
+    else:
+        O, Kw = w.shape[1], w.shape[2] * (2 if fmt == "fp4" else 1)
+    if Kw != K:
+        raise ValueError(f"grouped_matmul(gpu): x has {K} inputs, w {Kw} (w {w.shape}, {fmt})")
+    if group_sizes.shape != (E,):
+        raise ValueError(f"grouped_matmul(gpu): group_sizes {group_sizes.shape} != ({E},)")
+    if N == 0 or O == 0:
+        return jnp.zeros((N, O), out_dtype)
+    x = x.astype(jnp.bfloat16)
+    if fmt == "bf16":
+        w = w.astype(jnp.bfloat16)
+    bk = block_k
+    if fmt == "fp8":
+        bk = min(bk, 128)
+    while bk > 16 and K % bk:
+        bk //= 2
+    if K % bk or (fmt == "fp8" and 128 % bk) or (fmt == "fp4" and bk % 32):
+        raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
+    bm, bn = block_m, block_n
+    meta = tile_map(group_sizes, N, bm)
+    args = [meta, x, w]
+    if fmt == "fp8":
+        from v4jax.quant import e8m0_to_f32
+        args.append(e8m0_to_f32(scale))
+    elif fmt == "fp4":
+        args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
+    kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
+                               w_lhs=bool(w_lhs) and not transpose_w)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(O, bn), meta.shape[1]),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.no_block_spec,
+        out_shape=jax.ShapeDtypeStruct((N, O), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"grouped_matmul_{fmt}",
+    )(*args)

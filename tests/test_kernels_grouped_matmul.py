@@ -1,0 +1,169 @@
+"""Grouped matmul (pallas_kernels.grouped_matmul): the Pallas GPU kernel in interpret mode == the ragged_dot reference.
+
+CPU only: the Triton kernel runs with interpret=True on tiny shapes and small tiles (16 rows x 16/32 columns),
+and is lowered for cuda to catch Pallas->Triton lowering errors without the hardware.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels.grouped_matmul import capacity, gpu, reference
+from v4jax import quant
+
+SMALL = dict(block_m=16, block_n=16, block_k=32, interpret=True)
+
+
+def _inputs(N, K, O, sizes, seed=0, fmt="bf16"):
+    rng = np.random.default_rng(seed)
+    E = len(sizes)
+    x = jnp.asarray(rng.standard_normal((N, K), np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((E, O, K), np.float32) * 0.1)
+    if fmt == "fp8":
+        node = dict(zip(("weight", "scale"), quant.quantize_fp8_weight(w)))
+    elif fmt == "fp4":
+        node = dict(zip(("weight", "scale"), quant.quantize_fp4_weight(w)))
+    else:
+        node = {"weight": w.astype(jnp.bfloat16)}
+    return x, node, jnp.asarray(sizes, jnp.int32)
+
+
+def _ref(x, node, gs):
+    return reference.grouped_matmul(x, gm.dequantize(node["weight"], node.get("scale"), jnp.bfloat16), gs)
+
+
+def _check(out, ref, sizes, N):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * max(np.abs(ref).max(), 1e-30))
+    assert not out[int(np.sum(sizes)):].any()                             # rows past the groups are exactly 0
+
+
+# N, K, O, group sizes: empty groups (first, middle, last), all rows in one group, N not a multiple of the tile,
+# rows past the groups, O not a multiple of the column tile, more groups than row tiles
+CASES = [(70, 64, 48, [10, 0, 25, 3, 20]), (37, 32, 32, [0, 37, 0]), (53, 64, 40, [5, 9, 0, 30]),
+         (20, 32, 16, [1] * 12 + [0] * 4)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_kernel_bf16_matches_reference(case):
+    N, K, O, sizes = case
+    x, node, gs = _inputs(N, K, O, sizes, seed=N)
+    out = gpu.grouped_matmul(x, node["weight"], gs, **SMALL)
+    _check(out, _ref(x, node, gs), sizes, N)
+
+
+def test_gpu_kernel_random_group_sizes_and_tiles():
+    rng = np.random.default_rng(1)
+    N, K, O, E = 90, 64, 64, 7
+    sizes = rng.multinomial(N - 11, np.ones(E) / E)
+    sizes[[0, 4]] = 0
+    sizes[1] += 0
+    x, node, gs = _inputs(N, K, O, sizes, seed=2)
+    ref = _ref(x, node, gs)
+    for kw in (dict(block_m=32, block_n=32, block_k=64), dict(block_m=16, block_n=64, block_k=16, w_lhs=True)):
+        _check(gpu.grouped_matmul(x, node["weight"], gs, interpret=True, **kw), ref, sizes, N)
+
+
+@pytest.mark.parametrize("fmt,w_lhs", [("fp8", False), ("fp4", True)])
+def test_gpu_kernel_quantised_weights(fmt, w_lhs):
+    N, K, O, sizes = 45, 256, 144, [12, 0, 20, 6]                        # K: two FP8 blocks; O: a partial block
+    x, node, gs = _inputs(N, K, O, sizes, seed=3, fmt=fmt)
+    out = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], block_m=16, block_n=32, block_k=64,
+                             w_lhs=w_lhs, interpret=True)
+    _check(out, _ref(x, node, gs), sizes, N)
+
+
+def test_gpu_kernel_transposed_weight_and_bf16_output():
+    N, K, O, sizes = 40, 48, 32, [7, 0, 25]                              # w used as [E, in=48, out=32]
+    x, node, gs = _inputs(N, O, K, sizes, seed=4)
+    w = node["weight"]                                                    # [E, 48(out of w) = in, 32]
+    xin = jnp.asarray(np.random.default_rng(5).standard_normal((N, 32), np.float32)).astype(jnp.bfloat16)
+    out = gpu.grouped_matmul(xin, jnp.swapaxes(w, 1, 2), gs, transpose_w=True, **SMALL)
+    _check(out, reference.grouped_matmul(xin, w, gs), sizes, N)
+    ob = gpu.grouped_matmul(xin, jnp.swapaxes(w, 1, 2), gs, transpose_w=True, out_dtype=jnp.bfloat16, **SMALL)
+    np.testing.assert_array_equal(np.asarray(ob), np.asarray(quant.round_to(out, jnp.bfloat16)))
+
+
+def test_tile_map():
+    meta = np.asarray(gpu.tile_map(jnp.asarray([10, 0, 25, 3, 20], jnp.int32), 70, 16))
+    assert meta.shape[1] == gpu.num_tiles(70, 5, 16)
+    used = meta[:, meta[1] < meta[2]]
+    # every row 0..69 lies in exactly one tile, and a tile never spans two groups
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(used[1], used[2])])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(70))
+    np.testing.assert_array_equal(used[0], [0, 2, 2, 3, 4, 4, 5])         # group 5 = the rows past the groups
+    assert (used[2] - used[1] <= 16).all()
+
+
+def test_dispatch_formats_and_backends():
+    N, K, O, sizes = 30, 64, 32, [4, 0, 21]
+    for fmt in ("bf16", "fp8", "fp4"):
+        x, node, gs = _inputs(N, K, O, sizes, seed=6, fmt=fmt)
+        ref = gm.grouped_matmul(x, node, gs, backend="reference")
+        _check(ref, _ref(x, node, gs), sizes, N)
+        if fmt == "fp8":                                 # the kernel, its default launch (w_lhs), interpret mode
+            _check(gm.grouped_matmul(x, node, gs, backend="gpu"), ref, sizes, N)
+    assert gm.default_backend("cpu") == "reference" and gm.default_backend("cuda") == "gpu"
+    with pytest.raises(ValueError, match="unknown backend"):
+        gm.grouped_matmul(x, node, gs, backend="tpu")
+    # a bare weight array and bf16 output; fp32 x takes the reference
+    x, node, gs = _inputs(N, K, O, sizes, seed=6)
+    ob = gm.grouped_matmul(x, node["weight"], gs, backend="gpu", out_dtype=jnp.bfloat16)
+    assert ob.dtype == jnp.bfloat16
+    x32 = x.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x32, node, gs, backend="gpu")),
+                                  np.asarray(gm.grouped_matmul(x32, node, gs, backend="reference")))
+
+
+def test_dispatch_gradients_equal_reference():
+    N, K, O, sizes = 40, 32, 48, [9, 0, 14, 11]
+    x, node, gs = _inputs(N, K, O, sizes, seed=7)
+    ct = jnp.asarray(np.random.default_rng(8).standard_normal((N, O), np.float32))
+
+    def loss(backend):
+        return lambda x, w: jnp.sum(gm.grouped_matmul(x, {"weight": w}, gs, backend=backend) * ct)
+
+    (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(loss(be), argnums=(0, 1)))(x, node["weight"])
+                          for be in ("gpu", "reference"))
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+    for a, b in zip(g1, g2):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(b).max() > 0
+        # dx: the kernel on dy rounded to bf16 (the reference keeps dy in fp32): bf16-rounding close
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 4e-3
+    assert not np.asarray(g1[0])[sum(sizes):].any()
+    # FP8 weights: gradient w.r.t. x only, through the reference
+    x, node8, gs = _inputs(N, K, O, sizes, seed=7, fmt="fp8")
+    f = lambda be: jax.grad(lambda x: jnp.sum(gm.grouped_matmul(x, node8, gs, backend=be) * ct))(x)
+    np.testing.assert_allclose(np.asarray(f("gpu"), np.float32), np.asarray(f("reference"), np.float32),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_capacity_einsum_matches_reference():
+    N, K, O, sizes = 50, 32, 24, [10, 0, 30, 4]
+    x, node, gs = _inputs(N, K, O, sizes, seed=9)
+    cap = capacity.capacity_for(gs, 8)
+    assert cap == 32
+    out = capacity.grouped_matmul(x, node["weight"], gs, capacity=cap)
+    _check(out, _ref(x, node, gs), sizes, N)
+
+
+def test_gpu_kernel_lowers_for_cuda():
+    """Pallas -> Triton IR lowering for every weight format at a Flash-like shape (no GPU needed)."""
+    E, O, K, N = 8, 256, 512, 1000
+    gs = jax.ShapeDtypeStruct((E,), jnp.int32)
+    x = jax.ShapeDtypeStruct((N, K), jnp.bfloat16)
+    nodes = [(jax.ShapeDtypeStruct((E, O, K), jnp.bfloat16), None, False),
+             (jax.ShapeDtypeStruct((E, K, O), jnp.bfloat16), None, True),
+             (jax.ShapeDtypeStruct((E, O, K), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((E, O // 128, K // 128), jnp.float8_e8m0fnu), False),
+             (jax.ShapeDtypeStruct((E, O, K // 2), jnp.int8),
+              jax.ShapeDtypeStruct((E, O, K // 32), jnp.float8_e8m0fnu), False)]
+    for w, s, tr in nodes:
+        f = jax.jit(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, transpose_w=tr, out_dtype=jnp.bfloat16))
+        exp = export.export(f, platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+        assert "triton" in exp(x, w, gs, s).mlir_module()
