@@ -16,6 +16,11 @@ Muon step time; the optimizer update alone (Muon and AdamW) is timed too.
 Sizes (`--size`): "1b" is a V4-shaped model of ~1.2 B parameters (~0.3 B active): all layer types (SWA, CSA with
 indexer, HCA), 2 hash layers, mHC with 4 streams, MTP, 32 experts top-4, head_dim 512 (448 + 64 RoPE), vocab 32K;
 "tiny" is the tiny preset (a CPU smoke check of this script).
+
+Status (2026-11-22): runs end to end on CPU (`--size tiny`). One H100 attempt (`--size 1b --seq-len 4096
+--batch 2`, JAX 0.11.2) did not get past initialisation + the first (Muon) step compile within 280 s, so no GPU
+numbers exist yet. Next attempt: give it a whole 10-minute call, or cut compile time first (fewer/shorter
+sequences, `XLA_FLAGS=--xla_gpu_autotune_level=0`); the phase lines printed below show where the time goes.
 """
 from __future__ import annotations
 
@@ -107,37 +112,59 @@ def bench_train(args) -> dict:
     flat = P.flatten(jax.jit(lambda k: P.init_params(cfg, k, dtype="bf16"))(jax.random.key(0)))
     jax.block_until_ready(flat)
     out["init_s"] = time.perf_counter() - t0
+    print(f"init {out['init_s']:.1f}s", flush=True)
     batch = _batch(cfg, N, micro, S)
     for name in args.optimizers.split(","):
-        spec = _spec(cfg, name, N)
-        tx, sched = T.build_optimizer(spec, {n: flat[n].astype(jnp.float32) for n in spec.trainable})
-        state = jax.jit(lambda f: _state(spec, f, tx))(flat)
-        step = jax.jit(T.make_train_step(spec, tx, sched), donate_argnums=0)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        comp = time.perf_counter() - t0
-        box = {"s": state}
-
-        def run():
-            box["s"], m = compiled(box["s"], batch)
-            return m["loss"]
-        loss0 = float(run())
-        dt = _time(run, args.steps)
-        # the optimizer update alone, on gradient-shaped inputs
-        master = box["s"]["master"]
-        upd = jax.jit(lambda g, o, p: tx.update(g, o, p))
-        g = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3, jnp.float32), master)
-        upd_c = upd.lower(g, box["s"]["opt"], master).compile()
-        dt_opt = _time(lambda: upd_c(g, box["s"]["opt"], master)[0], args.steps)
-        tps = B * S / dt
-        r = {"compile_s": comp, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": 6 * n_active * tps / peak,
-             "optimizer_update_ms": dt_opt * 1e3, "first_loss": loss0}
-        out["results"][name] = r
-        print(f"{name:6s} compile {comp:6.1f}s | step {dt * 1e3:8.1f} ms | {tps:10,.0f} tok/s | MFU {r['mfu']:6.1%} | "
-              f"optimizer update alone {dt_opt * 1e3:7.1f} ms", flush=True)
-        del box, state, compiled
+        try:
+            _one(cfg, flat, batch, name, args, out, peak)
+        except Exception as e:  # noqa: BLE001 - keep the other measurements (OOM, compile failure)
+            out["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         dump()
-    # Newton-Schulz alone over every Muon leaf (fp32 matmuls, as optim.muon's default)
+        if name == MUON:
+            try:
+                _newton_schulz(cfg, flat, N, args, out)
+            except Exception as e:  # noqa: BLE001
+                out["newton_schulz_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            dump()
+    return out
+
+
+def _one(cfg, flat, batch, name, args, out, peak):
+    S, B, N = args.seq_len, args.batch, args.grad_accum
+    n_active = out["active_params"]
+    spec = _spec(cfg, name, N)
+    tx, sched = T.build_optimizer(spec, {n: flat[n].astype(jnp.float32) for n in spec.trainable})
+    state = jax.jit(lambda f: _state(spec, f, tx))(flat)
+    step = jax.jit(T.make_train_step(spec, tx, sched), donate_argnums=0)
+    print(f"{name}: compiling the step ...", flush=True)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    comp = time.perf_counter() - t0
+    box = {"s": state}
+
+    def run():
+        box["s"], m = compiled(box["s"], batch)
+        return m["loss"]
+    loss0 = float(run())
+    dt = _time(run, args.steps)
+    # the optimizer update alone, on gradient-shaped inputs
+    master = box["s"]["master"]
+    upd = jax.jit(lambda g, o, p: tx.update(g, o, p))
+    g = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3, jnp.float32), master)
+    upd_c = upd.lower(g, box["s"]["opt"], master).compile()
+    dt_opt = _time(lambda: upd_c(g, box["s"]["opt"], master)[0], args.steps)
+    tps = B * S / dt
+    r = {"compile_s": comp, "step_ms": dt * 1e3, "tokens_per_s": tps, "mfu": 6 * n_active * tps / peak,
+         "optimizer_update_ms": dt_opt * 1e3, "first_loss": loss0}
+    out["results"][name] = r
+    print(f"{name:6s} compile {comp:6.1f}s | step {dt * 1e3:8.1f} ms | {tps:10,.0f} tok/s | MFU {r['mfu']:6.1%} | "
+          f"optimizer update alone {dt_opt * 1e3:7.1f} ms", flush=True)
+    del box, state, compiled
+
+
+def _newton_schulz(cfg, flat, N, args, out):
+    """Newton-Schulz alone over every Muon leaf (fp32 matmuls, as optim.muon's default)."""
     labels = param_groups({n: flat[n] for n in _spec(cfg, MUON, N).trainable})
     mats = {n: jnp.ones(flat[n].shape, jnp.float32) * 1e-2 + jax.random.normal(jax.random.key(1), flat[n].shape) * 1e-3
             for n, l in labels.items() if l == MUON}
@@ -148,8 +175,6 @@ def bench_train(args) -> dict:
         out["newton_schulz_share_of_muon_step"] = dt_ns / (out["results"][MUON]["step_ms"] / 1e3)
         print(f"Newton-Schulz (all Muon matrices, fp32) {dt_ns * 1e3:.1f} ms = "
               f"{out['newton_schulz_share_of_muon_step']:.1%} of the Muon step", flush=True)
-    dump()
-    return out
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -157,7 +182,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         else argparse.ArgumentParser(prog="python -m v4jax.bench_train", description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
     p.add_argument("--optimizers", default="muon,adamw")
