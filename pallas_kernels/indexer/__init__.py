@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+import os
+
 import jax
 
 from . import reference
@@ -16,6 +18,8 @@ BACKENDS = ("reference", "gpu", "tpu")
 
 
 def default_backend(platform: str | None = None) -> str:
+    if os.environ.get("V4JAX_KERNELS") == "reference":   # force the plain-jnp definitions (debugging, A/B)
+        return "reference"
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda"):
         return "gpu"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import os
+
 import jax
 
 from .reference import sparse_attention as _reference
@@ -12,6 +14,8 @@ BACKENDS = ("reference", "gpu", "tpu")
 
 def default_backend(platform: str | None = None) -> str:
     """The backend `sparse_attention` uses on `platform` (default: JAX's default backend)."""
+    if os.environ.get("V4JAX_KERNELS") == "reference":   # force the plain-jnp definitions (debugging, A/B)
+        return "reference"
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda"):
         return "gpu"
