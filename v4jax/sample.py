@@ -143,7 +143,7 @@ def load_model(args):
         except (RuntimeError, ValueError, OSError) as e:     # CheckpointError is a ValueError
             fail(f"cannot load --checkpoint {path}: {e}")
         return cfg, params, tok, str(path)
-    if (DEMO_DIR / "tokenizer.json").is_file():
+    if all((DEMO_DIR / f).is_file() for f in ("tokenizer.json", "config.json")):
         try:
             cfg, params, tok = _load_checkpoint(DEMO_DIR, args.dtype, args.tokenizer)
             return cfg, params, tok, f"demo model ({DEMO_DIR})"
