@@ -5,6 +5,7 @@ Subcommands (each is a function taking the parsed arguments; add yours with a pa
             Flash and Pro shapes, with roofline numbers measured in the same run (device copy, bf16 matmul).
   load      streaming checkpoint load: disk -> device GB/s and peak host RSS (v4jax/bench_load.py).
   moe       the MoE grouped matmul at Flash expert shapes, TFLOP/s vs bf16 peak (v4jax/bench_moe.py).
+  train     a V4-shaped training step, tokens/s and MFU, Muon vs AdamW (v4jax/bench_train.py).
 
 Timing: warm-up calls first (compilation excluded), then samples of n back-to-back calls (n chosen so that a sample
 lasts a few ms; the inputs rotate among several sets so small pools are not served from L2), each sample ended
@@ -411,9 +412,10 @@ def _parsers(sub):
     k.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU test of the script itself)")
     k.set_defaults(func=bench_kernels)
     # the other benches live in their own modules (imported here: they import helpers from this one)
-    from v4jax import bench_load, bench_moe
+    from v4jax import bench_load, bench_moe, bench_train
     bench_load.add_parser(sub)
     bench_moe.add_parser(sub)
+    bench_train.add_parser(sub)
 
 
 def main(argv=None) -> int:
