@@ -46,7 +46,7 @@ def test_sharded_forward_equals_unsharded(multidevice, spec):
     """Expert parallelism, and context parallelism over seq, on packed documents (a boundary inside a shard)."""
     res = multidevice[spec]
     assert res["err"] < 1e-4, res                       # fp32, no quantisation: only summation order differs
-    assert res["expert_spec"].startswith("PartitionSpec('expert'")
+    assert res["expert_spec"].split("(", 1)[1].startswith("'expert'")   # P('expert', None, None)
     assert res["local_experts"] == 8 // int(spec.split("expert=")[1])
     assert not res["gathers_experts"]
     if "seq=" in spec:   # context parallel: only S/4 and S/128 rows (and MoE token groups) are gathered
