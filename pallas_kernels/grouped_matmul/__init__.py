@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import functools
 
-import os
-
 import jax
 import jax.numpy as jnp
+
+from .._backend import platform_backend
 
 from .reference import grouped_matmul as _reference
 
@@ -14,11 +14,8 @@ BACKENDS = ("reference", "gpu")
 
 
 def default_backend(platform: str | None = None) -> str:
-    """The backend `grouped_matmul` uses on `platform` (default: JAX's default backend)."""
-    if os.environ.get("V4JAX_KERNELS") == "reference":   # force the plain-jnp definitions (debugging, A/B)
-        return "reference"
-    platform = platform or jax.default_backend()
-    return "gpu" if platform in ("gpu", "cuda") else "reference"
+    """The backend used on `platform` (default: JAX's default backend); see pallas_kernels._backend."""
+    return platform_backend(BACKENDS, platform)
 
 
 def _split(w_node):

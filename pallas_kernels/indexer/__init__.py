@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 
-import os
-
 import jax
+
+from .._backend import platform_backend
 
 from . import reference
 
@@ -18,14 +18,8 @@ BACKENDS = ("reference", "gpu", "tpu")
 
 
 def default_backend(platform: str | None = None) -> str:
-    if os.environ.get("V4JAX_KERNELS") == "reference":   # force the plain-jnp definitions (debugging, A/B)
-        return "reference"
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda"):
-        return "gpu"
-    if platform == "tpu":
-        return "tpu"
-    return "reference"
+    """The backend used on `platform` (default: JAX's default backend); see pallas_kernels._backend."""
+    return platform_backend(BACKENDS, platform)
 
 
 def _forward(q, w, keys, backend):
