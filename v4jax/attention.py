@@ -24,10 +24,11 @@ f32 = jnp.float32
 
 
 # ---- index sets ---------------------------------------------------------------------------------------
-def window_idx_prefill(S: int, W: int) -> jax.Array:
-    """[S, min(S, W)]: tokens max(0, t-W+1) .. t in ascending order, -1 padded at the end."""
-    t = jnp.arange(S)[:, None]
-    j = jnp.maximum(t - W + 1, 0) + jnp.arange(min(S, W))[None, :]
+def window_idx_prefill(S: int, W: int, start=0, width: int | None = None) -> jax.Array:
+    """[S, min(S, W)]: for queries at positions start .. start+S-1, tokens max(0, t-W+1) .. t in ascending
+    order, -1 padded at the end (width: the list length, default min(S, W))."""
+    t = start + jnp.arange(S)[:, None]
+    j = jnp.maximum(t - W + 1, 0) + jnp.arange(min(S, W) if width is None else width)[None, :]
     return jnp.where(j > t, -1, j).astype(jnp.int32)
 
 
@@ -179,8 +180,7 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
     to_next = [(i, i + 1) for i in range(n - 1)]
     prev_tail = jax.lax.ppermute(kv[:, L - (W - 1):], "seq", to_next)              # zeros on shard 0
     pool = jnp.concatenate([prev_tail, kv], axis=1)                                  # [b, W-1+L, K]
-    g = jnp.maximum(t - W + 1, 0)[:, None] + jnp.arange(W)[None, :]                 # global window tokens
-    g = jnp.where(g > t[:, None], -1, g)[None]
+    g = window_idx_prefill(L, W, start=s0, width=W)[None]                         # global window tokens
     idx = jnp.where((g >= 0) & (g >= ds[..., None]), g - s0 + (W - 1), -1)
     if m:
         n_visible, first, C = (t + 1) // m, (ds + m - 1) // m, S // m

@@ -144,7 +144,23 @@ def _no_duplicates_hook(path: str):
 # --------------------------------------------------------------------------- #
 
 
-class SafetensorsFile:
+class _TensorNames:
+    """Name lookups shared by a file and a checkpoint directory (both hold `tensors`: name -> TensorInfo)."""
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+class SafetensorsFile(_TensorNames):
     """One safetensors file.  The header is parsed and validated on construction;
     data is memory-mapped on the first :meth:`read` (one map per file)."""
 
@@ -274,18 +290,6 @@ class SafetensorsFile:
                 )
 
     # -- access ------------------------------------------------------------ #
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
     def _map(self) -> np.memmap:
         with self._lock:
             if self._mm is None:
@@ -325,7 +329,7 @@ class SafetensorsFile:
         return f"SafetensorsFile({self.path!r}, {len(self.tensors)} tensors)"
 
 
-class CheckpointDir:
+class CheckpointDir(_TensorNames):
     """A Hugging Face checkpoint directory: ``model.safetensors.index.json`` plus
     shards, or one / several ``*.safetensors`` files without an index."""
 
@@ -431,18 +435,6 @@ class CheckpointDir:
     @property
     def files(self) -> list[str]:
         return list(self._files)
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
     def read(self, name: str) -> np.ndarray:
         info = self.tensors.get(name)

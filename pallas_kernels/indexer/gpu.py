@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ._tiles import pad_to_tiles
+
 MIN_HEADS = 16
 
 
@@ -50,12 +52,7 @@ def index_scores(q, w, keys, *, block_q: int = 16, block_c: int = 128, num_warps
         w = jnp.pad(w, ((0, 0), (0, 0), (0, nIp - nI)))
     tq = min(block_q, S)
     tc = min(block_c, max(16, pl.next_power_of_2(C)))
-    Sp, Cp = -(-S // tq) * tq, -(-C // tc) * tc
-    if Sp != S:
-        q = jnp.pad(q, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-        w = jnp.pad(w, ((0, 0), (0, Sp - S), (0, 0)))
-    if Cp != C:
-        keys = jnp.pad(keys, ((0, 0), (0, Cp - C), (0, 0)))
+    q, w, keys, Sp, Cp = pad_to_tiles(q, w, keys, tq, tc)
     out = pl.pallas_call(
         functools.partial(_kernel, tq=tq),
         grid=(B, Sp // tq, Cp // tc),

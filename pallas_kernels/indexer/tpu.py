@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._tiles import pad_to_tiles
+
 
 def _kernel(q_ref, w_ref, k_ref, o_ref, *, tq: int, dt):
     keys = k_ref[...]                                                    # [tc, dI]
@@ -37,12 +39,7 @@ def index_scores(q, w, keys, *, block_q: int = 8, block_c: int = 256, interpret=
         return jnp.zeros((B, S, C), q.dtype)
     tq = block_q
     tc = min(block_c, -(-C // 128) * 128)
-    Sp, Cp = -(-S // tq) * tq, -(-C // tc) * tc
-    if Sp != S:
-        q = jnp.pad(q, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-        w = jnp.pad(w, ((0, 0), (0, Sp - S), (0, 0)))
-    if Cp != C:
-        keys = jnp.pad(keys, ((0, 0), (0, Cp - C), (0, 0)))
+    q, w, keys, Sp, Cp = pad_to_tiles(q, w, keys, tq, tc)
     out = pl.pallas_call(
         functools.partial(_kernel, tq=tq, dt=q.dtype),
         grid=(B, Sp // tq, Cp // tc),
