@@ -7,6 +7,7 @@ import jax
 
 from .._backend import platform_backend
 
+from .backward import pool_backward, use_pool_backward
 from .reference import sparse_attention as _reference
 
 BACKENDS = ("reference", "gpu", "tpu")
@@ -40,6 +41,9 @@ def _fwd(q, kv, idx, sink, scale, backend):
 
 def _bwd(scale, backend, res, g):
     q, kv, idx, sink = res
+    if use_pool_backward(kv.shape[1], idx.shape[-1]):
+        dq, dkv, dsink = pool_backward(q, kv, idx, sink, scale, g)
+        return dq, dkv, None, dsink
     _, vjp = jax.vjp(lambda q_, kv_, s_: _reference(q_, kv_, idx, s_, scale), q, kv, sink)
     dq, dkv, dsink = vjp(g)
     return dq, dkv, None, dsink
@@ -53,7 +57,10 @@ def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
 
     backend: None picks by platform ("gpu": Pallas/Triton kernel on NVIDIA GPUs, "tpu": Pallas Mosaic TPU kernel
     on TPUs, "reference" elsewhere); pass one to override. A Pallas backend asked for on CPU runs in interpret mode.
-    All backends compute the reference's function (reference.py) with its numerics.
+    All backends compute the reference's function (reference.py) with its numerics. On GPU the launch is picked
+    from the shapes (gpu.plan): one pass when rows x head groups fill the SMs (prefill, large decode batches),
+    else the split-list path (each list cut into chunks run by separate programs, an exact block-max pre-pass,
+    partials combined with the sink; gpu.py).
 
     Differentiable w.r.t. q, kv and sink through a jax.custom_vjp: the forward runs the chosen backend, the
     backward is the VJP of the jnp reference (recomputed from the saved inputs, O(S x T) memory).
