@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import sparse_attention as sa
 from pallas_kernels.sparse_attention import gpu, reference, tpu
-from v4jax.bench import np_sparse_attention
+from v4jax.bench import _rel, np_sparse_attention
 
 
 def make_inputs(B, S, H, K, N, T, seed=0, dtype=jnp.bfloat16):
@@ -64,6 +64,87 @@ def test_gpu_kernel_heads_per_program_and_fp32():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+# ---- split-list (flash-decoding) path -------------------------------------------------------------------
+def _holes_inputs(seed=0, B=2, S=3, H=16, K=128, N=90, T=300):
+    """make_inputs (ragged lists, -1 holes, an all-masked row at [0, 0], a full row) plus rows with whole masked
+    64-blocks in the middle (a masked split), only the last block valid, only the first block valid."""
+    q, kv, idx, sink = make_inputs(B, S, H, K, N, T, seed=seed)
+    idx = np.array(idx).reshape(B * S, T)
+    assert B * S >= 5
+    full = np.random.default_rng(seed + 1).integers(0, N, T).astype(np.int32)
+    t = np.arange(T)
+    idx[1] = np.where((t >= 64) & (t < 192), -1, full)                   # masked blocks 1-2
+    idx[2] = np.where(t >= (T - 1) // 64 * 64, full, -1)                 # only the last block
+    idx[3] = np.where(t < 64, full, -1)                                  # only the first block
+    return q, kv, jnp.asarray(idx.reshape(B, S, T)), sink
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_gpu_split_exact_equals_single_pass_and_reference(num_splits):
+    """T = 300: 5 blocks (the last partial); 3 splits -> 2 blocks each, the last split padded (T not a multiple of
+    the chunk). Exact (pre-pass) numerics: equal to the single-pass kernel up to fp32 rescale rounding."""
+    q, kv, idx, sink = _holes_inputs(seed=num_splits)
+    single = gpu.sparse_attention(q, kv, idx, sink, 0.1, num_splits=1, interpret=True)
+    out = gpu.sparse_attention(q, kv, idx, sink, 0.1, num_splits=num_splits, interpret=True)
+    ref = _ref(q, kv, idx, sink, scale=0.1)
+    _close(out, ref)
+    _close(out, single, tol=2e-4)
+    assert not np.asarray(out)[0, 0].any()                                # the all-masked row is exactly 0
+
+
+def test_gpu_split_inexact_within_tolerance():
+    """exact=False (no pre-pass): each chunk rounds against its own running max -> not the reference's bits, but
+    within the tests' bf16 tolerance; still exact with one split."""
+    q, kv, idx, sink = _holes_inputs(seed=7)
+    ref = _ref(q, kv, idx, sink, scale=0.1)
+    out = gpu.sparse_attention(q, kv, idx, sink, 0.1, num_splits=5, exact=False, interpret=True)
+    _close(out, ref)
+    assert _rel(out, ref) > 2e-4                                         # it is not the exact path
+    # ...and it is exactly the function the on-device bench check emulates for it
+    import ml_dtypes
+    emu = np_sparse_attention(q, kv, idx, sink, 0.1, splits=5).astype(np.float32).astype(ml_dtypes.bfloat16)
+    assert _rel(out, emu) < 2e-4
+    one = gpu.sparse_attention(q, kv, idx, sink, 0.1, num_splits=1, exact=False, interpret=True)
+    _close(one, ref, tol=2e-4)
+
+
+def test_gpu_split_launch_variants_and_fp32():
+    """Launch variants compute the same function: register prefetch of the next block, pre-pass head groups
+    different from the main kernel's (fp32: equal to the reference to fp32 rounding)."""
+    q, kv, idx, sink = _holes_inputs(seed=9, H=4, K=128, T=200)
+    ref = _ref(q, kv, idx, sink, scale=0.1)
+    for kw in (dict(num_splits=2, prefetch=True, num_stages=1), dict(num_splits=1, prefetch=True)):
+        _close(gpu.sparse_attention(q, kv, idx, sink, 0.1, interpret=True, **kw), ref)
+    q, kv, idx, sink = make_inputs(1, 3, 16, 128, 40, 200, seed=4, dtype=jnp.float32)
+    out = gpu.sparse_attention(q, kv, idx, sink, 0.1, num_splits=4, heads_per_program=8, prepass_heads=16,
+                               interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_ref(q, kv, idx, sink, scale=0.1)), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_split_matches_float64_emulation():
+    """The exact split path computes the spec's numerics (host float64 emulation, rounded to bf16)."""
+    import ml_dtypes
+    q, kv, idx, sink = _holes_inputs(seed=21, B=1, S=5, H=4)
+    out = np.asarray(gpu.sparse_attention(q, kv, idx, sink, 0.09, num_splits=5, interpret=True), np.float64)
+    emu = np_sparse_attention(q, kv, idx, sink, 0.09).astype(np.float32).astype(ml_dtypes.bfloat16)
+    emu = emu.astype(np.float64)
+    assert np.linalg.norm(out - emu) / np.linalg.norm(emu) < 2e-4
+
+
+def test_gpu_auto_splits_from_shapes():
+    """Splits only where rows x head groups leave the SMs idle (decode at small batch); divisors of the block count."""
+    flash = lambda B, S=1, T=640: gpu.plan(B, S, 64, T, sms=132)
+    pro = lambda B, S=1, T=1152: gpu.plan(B, S, 128, T, sms=132)
+    assert flash(1)["P"] == 10 and flash(16)["P"] == 5 and flash(64)["P"] == 1
+    assert pro(1)["P"] == 18 and pro(16)["P"] == 3 and pro(64)["P"] == 1
+    assert flash(1, S=8192)["P"] == 1                                       # prefill: never split
+    assert gpu.plan(1, 1, 64, 300, num_splits=3, sms=132)["bps"] == 2      # 5 blocks -> 2+2+1(padded)
+    assert gpu.plan(1, 1, 64, 64, num_splits=4, sms=132)["P"] == 1         # never more splits than blocks
+    for B in (1, 2, 4, 8, 16, 32):
+        p = flash(B)
+        assert p["P"] == 1 or p["programs"] >= 132 or p["P"] == p["nb"]
+
+
 # the TPU interpreter is slow: two cases cover multi-step lists, T % 128 != 0, row chunking with padding
 # (rows_per_call not dividing B*S), H = 4 and 16, K = 128 and 512, all-masked steps (skipped)
 TPU_CASES = [((2, 3, 4, 128, 50, 150), dict(rows_per_call=4)), ((1, 2, 16, 512, 200, 100), dict(block_k=64))]
@@ -107,7 +188,8 @@ def test_dispatch_backend_choice():
 
 def test_dispatch_gradients_equal_reference():
     """custom_vjp: the Pallas forward, the reference's VJP backward -> grads w.r.t. q, kv, sink equal the ref's."""
-    q, kv, idx, sink = make_inputs(1, 2, 4, 128, 40, 64, seed=5, dtype=jnp.float32)
+    q, kv, idx, sink = make_inputs(1, 2, 4, 128, 40, 200, seed=5, dtype=jnp.float32)
+    assert gpu.plan(1, 2, 4, 200, interpret=True)["P"] == 4             # the dispatch takes the split path here
     ct = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))
 
     def loss(backend):
@@ -132,6 +214,17 @@ def test_gpu_kernel_lowers_for_cuda():
     exp = export.export(f, platforms=["cuda"],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
     assert "triton" in exp(*_abstract(2, 1, 64, 512, 1000, 640)).mlir_module()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(exact=False), dict(num_splits=3, prefetch=True, num_stages=1)])
+def test_gpu_split_kernels_lower_for_cuda(kw):
+    """The split path (pre-pass, split kernel, combine) lowers at the Flash / Pro decode shapes at batch 1."""
+    for H, T in ((64, 640), (128, 1152)):
+        f = jax.jit(lambda q, kv, i, s: gpu.sparse_attention(q, kv, i, s, 512 ** -0.5, **kw))
+        exp = export.export(f, platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+        mlir = exp(*_abstract(1, 1, H, 512, 4000, T)).mlir_module()
+        assert mlir.count("__gpu$xla.gpu.triton") == (1 if kw.get("exact") is False else 2)
 
 
 def test_tpu_kernel_lowers_for_tpu():
