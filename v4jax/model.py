@@ -21,11 +21,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from . import attention
+from . import attention, losses
 from .config import ModelConfig
 from .hyper import hc_head, hc_post, hc_pre
 from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
-from .moe import moe
+from .moe import moe, route
 from .quant import round_to
 from .sharding import constrain
 
@@ -139,39 +139,91 @@ def _mtp_input(cfg: ModelConfig, p: dict, params: dict, streams, next_tokens):
     return round_to(s, act_dtype(cfg))
 
 
+def _head_input(cfg: ModelConfig, p: dict, X):
+    """The head's input: hc_head then the final RMSNorm, [B,S,n,D] -> [B,S,D] (activation dtype); `_head` is
+    linear_f32(head, _head_input(...))."""
+    y = hc_head(X, p["hc_head_fn"], p["hc_head_scale"], p["hc_head_base"], norm_eps=cfg.rms_norm_eps,
+                hc_eps=cfg.hc_eps)
+    return rms_norm(y, p["norm"]["weight"], cfg.rms_norm_eps)
+
+
 def forward_train(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-                  remat: bool = True, with_mtp: bool = True) -> dict:
+                  token_mask: jax.Array | None = None, remat: bool = True, with_mtp: bool = True,
+                  logits: bool = True, indexer_kl: bool = False, kl_chunk: int = 0) -> dict:
     """The training forward (differentiable; call it inside your own jit/grad).
 
-    Returns {"logits" [B,S,V] f32, "mtp_logits" [B,S,V] f32 or None (position i predicts token i+2; the last
-    position's input token is a placeholder -- mask its loss), "load" [L+mtp, E] tokens per expert,
-    "balance" [L+mtp] sequence-wise balance losses}. Hash layers report load/balance too (their routing is
-    fixed; the caller decides which layers to use). remat: recompute each block in the backward pass."""
-    _check_tokens(cfg, tokens)
-    doc_start = None if segment_ids is None else attention.doc_starts(segment_ids)
+    token_mask [B, S] (optional, default all True): False on padding. Routing statistics count only real tokens
+    (a token whose loss is masked, e.g. a user turn, is still routed and counts); in the MTP block position i
+    counts when tokens i and i+1 are both real (its input embeds token i+1; the last position, whose input
+    repeats the last token, follows that token).
 
-    def run(layer, p, X, toks):
-        X, _, stats = _block(cfg, p, layer, X, toks, None, doc_start, with_stats=True)
+    Returns a dict:
+      "hidden", "mtp_hidden"  [B,S,D] the head's input (after hc_head and the final norm; activation dtype) of the
+                              main model and of the MTP block (None without MTP): apply the head chunk-wise with
+                              v4jax.losses.xent_sum instead of materialising the logits
+      "logits", "mtp_logits"  [B,S,V] f32 (MTP position i predicts token i+2; its last position's input token is
+                              a placeholder -- mask its loss); None when logits=False or (MTP) not run
+      "load" [L+mtp, E]       real tokens per expert; "balance" [L+mtp] sequence-wise balance losses (over real
+                              tokens). Hash layers report them too (their routing is fixed; the caller decides
+                              which layers to use)
+      "indexer_kl" [n_CSA]    (indexer_kl=True) per CSA layer, the sum over the queries of
+                              losses.kl_query_mask of KL(main attention || indexer) (v4jax.losses.indexer_kl;
+                              gradients reach only the indexer weights); "indexer_kl_queries": that query count
+    remat: recompute each block in the backward pass. kl_chunk: query tokens per chunk of the KL (0 = all)."""
+    _check_tokens(cfg, tokens)
+    B, S = tokens.shape
+    if token_mask is None:
+        tmask = jnp.ones((B, S), bool)
+    else:
+        if token_mask.shape != tokens.shape:
+            raise ValueError(f"token_mask has shape {token_mask.shape}, tokens {tokens.shape}")
+        tmask = token_mask.astype(bool)
+    ds = None if segment_ids is None else attention.doc_starts(segment_ids)
+
+    def run(layer, p, X, toks, msk):
+        # _block's computation, also exposing the MoE input (masked router statistics) and the attention input
+        eps = cfg.rms_norm_eps
+        y, post, comb = _hc(cfg, p, "attn", X)
+        xa = rms_norm(y, p["attn_norm"]["weight"], eps)
+        a, _ = attention.prefill(cfg, p["attn"], layer, xa, rope_inv_freq(cfg, layer), None, ds)
+        X = hc_post(X, a, post, comb)
+        y, post, comb = _hc(cfg, p, "ffn", X)
+        xf = rms_norm(y, p["ffn_norm"]["weight"], eps)
+        X = hc_post(X, moe(cfg, p["ffn"], layer, xf, toks), post, comb)
+        ids, _, scores = route(cfg, p["ffn"]["gate"], layer, xf, toks)       # moe's own routing (merged by XLA)
+        stats = losses.router_stats(cfg, ids, scores, msk)
+        if indexer_kl and cfg.ratio(layer) == 4:
+            stats["kl"] = losses.indexer_kl(cfg, p["attn"], layer, xa, ds, msk, kl_chunk)
         return X, stats
+
+    def block(layer):
+        return jax.checkpoint(partial(run, layer)) if remat else partial(run, layer)
 
     X = _embed(cfg, params, tokens)
     stats = []
     for i in range(cfg.n_layers):
-        f = jax.checkpoint(partial(run, i)) if remat else partial(run, i)
-        X, s = f(params["layers"][str(i)], X, tokens)
+        X, s = block(i)(params["layers"][str(i)], X, tokens, tmask)
         stats.append(s)
-    out = {"logits": _head(cfg, params, params["head"], X), "mtp_logits": None}
+    h = _head_input(cfg, params, X)
+    out = {"hidden": h, "logits": linear_f32(params["head"], h) if logits else None,
+           "mtp_hidden": None, "mtp_logits": None}
     if with_mtp and cfg.n_mtp:
         layer = cfg.n_layers
         p = block_params(params, cfg, layer)
         nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-        Xm = _mtp_input(cfg, p, params, X, nxt)
-        f = jax.checkpoint(partial(run, layer)) if remat else partial(run, layer)
-        Xm, s = f(p, Xm, nxt)
+        mmask = tmask & jnp.concatenate([tmask[:, 1:], tmask[:, -1:]], axis=1)
+        Xm, s = block(layer)(p, _mtp_input(cfg, p, params, X, nxt), nxt, mmask)
         stats.append(s)
-        out["mtp_logits"] = _head(cfg, p, params["head"], Xm)
+        hm = _head_input(cfg, p, Xm)
+        out["mtp_hidden"] = hm
+        out["mtp_logits"] = linear_f32(params["head"], hm) if logits else None
     out["load"] = jnp.stack([s["load"] for s in stats])
     out["balance"] = jnp.stack([s["balance"] for s in stats])
+    if indexer_kl:
+        kl = [s["kl"] for s in stats if "kl" in s]
+        out["indexer_kl"] = jnp.stack(kl) if kl else jnp.zeros((0,), f32)
+        qmask = losses.kl_query_mask(jnp.zeros((B, S), jnp.int32) if ds is None else ds, tmask)
+        out["indexer_kl_queries"] = jnp.sum(qmask.astype(f32))
     return out
 
 

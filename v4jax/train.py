@@ -3,6 +3,7 @@
 The step (one jit-compiled function, `make_train_step`):
   loss = CE(next token) + mtp_weight * CE(MTP: position i predicts token i+2) + balance_weight * sum of the
          sequence-wise balance losses of the score-routed blocks (main layers >= num_hash_layers, and MTP)
+         [+ indexer_kl_weight * the lightning indexers' KL loss, mean over CSA layers and queries]
   both CEs are means over the target tokens of the whole (accumulated) batch: a target is a token with
   loss_mask 1 whose predicting position lies in the same segment (document piece), so packed documents never
   predict each other and pads/prompts carry no loss. Gradient accumulation (`grad_accum: N`) scans over N
@@ -10,6 +11,19 @@ The step (one jit-compiled function, `make_train_step`):
   Then: global-norm clipping (optimizer.clip) and Muon/AdamW (v4jax.optim) on the trainable leaves; then the
   auxiliary-loss-free router-bias rule on every score-routed `ffn.gate.bias` (frozen for the optimizer):
   bias_i += bias_update_speed * sign(mean_j load_j - load_i), with the step's token counts per expert.
+  Router statistics (load, balance loss) count real tokens only: the batch's optional `token_mask` (the Trainer
+  derives it from the packed rows, see `pad_token_mask`) excludes padding; tokens without loss (prompts, BOS) count.
+
+Cross-entropy at real sizes (`loss_chunk`, tokens per chunk, 0 = off): the head matmul, log-sum-exp and target pick
+run over sequence chunks of ~loss_chunk tokens inside jax.checkpoint (v4jax.losses.xent_sum), so the [B, S, V] fp32
+logits of a micro-batch never exist at once, in the forward or the backward.
+
+Indexer warm-up (spec 7, DeepSeek-V3.2's DSA recipe): `indexer_kl_weight` > 0 adds the KL divergence between the
+main attention's distribution over the compressed entries (summed over heads, L1-normalised) and the softmax of the
+index scores (v4jax.losses.indexer_kl; its gradient reaches only the indexers' weights). `indexer_kl_mode: dense`
+is the warm-up stage: the CSA layers attend every visible compressed entry (index_topk raised to the number of
+entries) and the KL covers all of them; `sparse` keeps the model's top-k attention and restricts the KL to the
+selected entries (the sparse stage). configs/indexer_warmup.yaml trains only the indexers (trainable regex).
 
 Precision (documented choice): the model computes with bf16 weights exactly as loaded/initialised (fp32 where the
 checkpoint is fp32: mHC, attn_sink, compressor ape, router bias); the optimizer state is fp32 (optim.py); and by
@@ -59,9 +73,11 @@ import optax
 import yaml
 
 from . import data as D
+from . import losses as L
 from . import optim
 from . import params as P
 from .config import ConfigError, ModelConfig, PRESETS
+from .attention import doc_starts
 from .model import forward_train
 
 f32 = jnp.float32
@@ -126,6 +142,12 @@ SCHEMA: dict[str, Any] = {
     "balance_weight": F("float", 1e-4, doc="sequence-wise balance loss, score-routed blocks"),
     "bias_update_speed": F("float", 1e-3, doc="aux-loss-free router-bias rule; 0 = off"),
     "remat": F("bool", True, doc="recompute each block in the backward pass"),
+    "loss_chunk": F("int", 2048, doc="cross-entropy: tokens per chunk of the head matmul (0 = all logits at once)"),
+    "indexer_kl_weight": F("float", 0.0, doc="lightning-indexer KL loss (CSA layers); 0 = off"),
+    "indexer_kl_mode": F("str", "sparse", ("dense", "sparse"),
+                         doc="dense: warm-up stage, dense attention over the compressed entries, KL over all of "
+                             "them; sparse: the model's top-k attention, KL over the selected entries"),
+    "indexer_kl_chunk": F("int", 256, doc="indexer KL: query tokens per chunk (0 = all at once)"),
     "grad_accum": F("int", 1, doc="micro-batches per step (batch / grad_accum rows each)"),
     "trainable": F("str", None, nullable=True, doc="regex (re.search) over parameter names; the rest frozen"),
     "peak_tflops": F("float", None, nullable=True, doc="per device, for MFU; default by device kind"),
@@ -396,9 +418,13 @@ def validate(raw: dict) -> dict:
         for k in o[key]:
             if k not in valid:
                 raise _unknown(k, valid, f"optimizer.{key}.")
-    for k in ("mtp_weight", "balance_weight", "bias_update_speed"):
+    for k in ("mtp_weight", "balance_weight", "bias_update_speed", "indexer_kl_weight", "loss_chunk",
+              "indexer_kl_chunk"):
         if c[k] < 0:
             raise TrainConfigError(f"{k}: must be >= 0, got {c[k]}")
+    if c["indexer_kl_weight"] > 0 and mesh["seq"] > 1:
+        raise TrainConfigError("indexer_kl_weight: the indexer KL loss does not support context parallelism "
+                               f"(mesh.seq = {mesh['seq']}) yet")
     if c["trainable"] is not None:
         try:
             re.compile(c["trainable"])
@@ -414,7 +440,16 @@ def validate(raw: dict) -> dict:
     if m["preset"] is not None and _model_overrides(c).get("vocab_size") != "auto":
         cfg = model_config(c, None)
         trainable_names(c, cfg, P.abstract_flat(cfg, "bf16"))
+        check_model(c, cfg)
     return c
+
+
+def check_model(c: dict, cfg: ModelConfig) -> None:
+    """Config checks that need the model config."""
+    if c["indexer_kl_weight"] > 0 and not csa_layers(cfg):
+        raise TrainConfigError(f"indexer_kl_weight {c['indexer_kl_weight']}: the model has no CSA layer (compress "
+                               f"ratio 4, the layers with a lightning indexer); compress_ratios = "
+                               f"{list(cfg.compress_ratios)}")
 
 
 # ---- model / parameters --------------------------------------------------------------------------------
@@ -463,6 +498,29 @@ def trainable_names(c: dict, cfg: ModelConfig, flat: dict) -> list[str]:
         raise TrainConfigError(f"trainable: {c['trainable']!r} matches no trainable parameter "
                                f"(names look like {next(iter(flat))!r}, 'layers.3.attn.wq_a.weight')")
     return out
+
+
+def csa_layers(cfg: ModelConfig) -> list[int]:
+    """The main layers with a lightning indexer (compress ratio 4), in the order of forward_train's indexer_kl."""
+    return [i for i in range(cfg.n_layers) if cfg.ratio(i) == 4]
+
+
+def pad_token_mask(rows: dict, pad_id: int) -> np.ndarray:
+    """[..., S] bool, False on padding, for packed rows {tokens, segment_ids, loss_mask} (v4jax.data's format).
+
+    data.py gives padding runs their own segment ids and loss_mask 0, and pads with `pad_id` (the EOS id); a run
+    is padding when none of its positions is a target and all of its tokens are pad_id. (The one real run that
+    also fits: a document piece made only of EOS tokens, none of them a target -- at most the last token of a text
+    document split across rows; treating it as padding only drops it from the router statistics.)"""
+    tok, seg, loss = (np.asarray(rows[k]) for k in ("tokens", "segment_ids", "loss_mask"))
+    shape = tok.shape
+    tok, seg, loss = (a.reshape(-1, shape[-1]) for a in (tok, seg, loss))
+    n_seg = int(seg.max(initial=0)) + 1
+    flat = (np.arange(len(seg))[:, None] * n_seg + seg).reshape(-1)
+    targets = np.bincount(flat, weights=(loss != 0).reshape(-1), minlength=len(seg) * n_seg)
+    non_pad = np.bincount(flat, weights=(tok != pad_id).reshape(-1), minlength=len(seg) * n_seg)
+    real_seg = (targets > 0) | (non_pad > 0)
+    return real_seg[flat].reshape(shape)
 
 
 def score_blocks(cfg: ModelConfig, with_mtp: bool) -> list[tuple[int, str]]:
@@ -527,6 +585,10 @@ class StepSpec:
     grad_accum: int
     opt: tuple                                     # (name, lr, warmup, schedule, final, decay_start, wd, clip,
                                                    #  muon kwargs, adamw kwargs, row_splits, steps)
+    loss_chunk: int = SCHEMA["loss_chunk"].default
+    indexer_kl_weight: float = 0.0
+    indexer_kl_dense: bool = False                 # warm-up stage: dense attention over the compressed entries
+    indexer_kl_chunk: int = SCHEMA["indexer_kl_chunk"].default
 
 
 def _freeze(x):
@@ -554,15 +616,16 @@ def build_optimizer(spec: StepSpec, master: dict) -> tuple[optax.GradientTransfo
     return tx, sched
 
 
-def _xent(logits, targets, weights):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * weights)
-
-
 def _targets(seg, mask, shift: int):
-    """Weights [B, S-shift]: token t+shift is a target of position t (same segment, loss_mask 1)."""
-    return (mask[:, shift:] * (seg[:, shift:] == seg[:, :-shift])).astype(f32)
+    """Weights [B, S]: position t's weight for predicting token t+shift (same segment, loss_mask 1); the last
+    `shift` positions have no target (weight 0)."""
+    w = (mask[:, shift:] * (seg[:, shift:] == seg[:, :-shift])).astype(f32)
+    return jnp.pad(w, ((0, 0), (0, shift)))
+
+
+def _shifted(tokens, shift: int):
+    """[B, S] targets: token t+shift at position t (0 where there is none; its weight is 0)."""
+    return jnp.pad(tokens[:, shift:], ((0, 0), (0, shift)))
 
 
 def _assemble(spec: StepSpec, master: dict, frozen: dict) -> dict:
@@ -572,47 +635,77 @@ def _assemble(spec: StepSpec, master: dict, frozen: dict) -> dict:
     return P.unflatten(flat)
 
 
-def model_losses(spec: StepSpec, params: dict, tokens, seg, mask):
-    """Sums over one (micro-)batch: (ce_sum, n, mtp_sum, n_mtp, balance, load)."""
-    out = forward_train(spec.cfg, params, tokens, seg, remat=spec.remat, with_mtp=spec.with_mtp)
+def forward_config(spec: StepSpec, seq_len: int) -> ModelConfig:
+    """The model config the step runs: the indexer warm-up (dense mode) raises index_topk to the number of
+    compressed entries, i.e. every visible entry is attended (dense attention over the compressed entries)."""
+    cfg = spec.cfg
+    if spec.indexer_kl_dense and seq_len // 4 > cfg.index_topk:
+        cfg = cfg.replace(index_topk=seq_len // 4)
+    return cfg
+
+
+def model_losses(spec: StepSpec, params: dict, tokens, seg, mask, token_mask=None) -> dict:
+    """Sums over one (micro-)batch: {ce, n, mtp, n_mtp, balance, load, kl (sum over CSA layers and queries),
+    n_kl (queries)}."""
+    kl_on = spec.indexer_kl_weight > 0
+    out = forward_train(forward_config(spec, tokens.shape[1]), params, tokens, seg, token_mask=token_mask,
+                        remat=spec.remat, with_mtp=spec.with_mtp, logits=False, indexer_kl=kl_on,
+                        kl_chunk=spec.indexer_kl_chunk)
     w1 = _targets(seg, mask, 1)
-    ce = _xent(out["logits"][:, :-1], tokens[:, 1:], w1)
+    r = {"ce": L.xent_sum(params["head"], out["hidden"], _shifted(tokens, 1), w1, spec.loss_chunk),
+         "n": jnp.sum(w1), "mtp": jnp.zeros((), f32), "n_mtp": jnp.zeros((), f32), "load": out["load"],
+         "kl": jnp.zeros((), f32), "n_kl": jnp.zeros((), f32)}
     if spec.with_mtp:
         w2 = _targets(seg, mask, 2)
-        mtp = _xent(out["mtp_logits"][:, :-2], tokens[:, 2:], w2)
-        n2 = jnp.sum(w2)
-    else:
-        mtp, n2 = jnp.zeros((), f32), jnp.zeros((), f32)
+        r["mtp"] = L.xent_sum(params["head"], out["mtp_hidden"], _shifted(tokens, 2), w2, spec.loss_chunk)
+        r["n_mtp"] = jnp.sum(w2)
     rows = jnp.asarray(spec.balance_rows, jnp.int32)
-    bal = jnp.sum(out["balance"][rows]) if spec.balance_rows else jnp.zeros((), f32)
-    return ce, jnp.sum(w1), mtp, n2, bal, out["load"]
+    r["balance"] = jnp.sum(out["balance"][rows]) if spec.balance_rows else jnp.zeros((), f32)
+    if kl_on:
+        r["kl"], r["n_kl"] = jnp.sum(out["indexer_kl"]), out["indexer_kl_queries"]
+    return r
+
+
+def _token_mask(batch: dict):
+    tm = batch.get("token_mask")
+    return jnp.ones(batch["tokens"].shape, bool) if tm is None else tm.astype(bool)
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, sched: Callable):
-    """state, batch {tokens, segment_ids, loss_mask: [grad_accum, micro, S]} -> (state, metrics)."""
+    """state, batch {tokens, segment_ids, loss_mask[, token_mask]: [grad_accum, micro, S]} -> (state, metrics).
+    token_mask (default all True): False on padding (router statistics and the indexer KL skip those tokens)."""
+    kl_on = spec.indexer_kl_weight > 0
+    n_csa = max(len(csa_layers(spec.cfg)), 1)
+
     def step(state, batch):
         master, frozen = state["master"], state["frozen"]
-        toks, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-        n_tok = jnp.maximum(jnp.sum(jax.vmap(lambda s, m: jnp.sum(_targets(s, m, 1)))(seg, mask)), 1.0)
-        n_mtp = jnp.maximum(jnp.sum(jax.vmap(lambda s, m: jnp.sum(_targets(s, m, 2)))(seg, mask)), 1.0)
+        toks, seg, mask, tmask = batch["tokens"], batch["segment_ids"], batch["loss_mask"], _token_mask(batch)
+        count = lambda f: jnp.sum(jax.vmap(f)(seg, mask, tmask))
+        n_tok = jnp.maximum(count(lambda s, m, _: jnp.sum(_targets(s, m, 1))), 1.0)
+        n_mtp = jnp.maximum(count(lambda s, m, _: jnp.sum(_targets(s, m, 2))), 1.0)
+        n_kl = jnp.maximum(count(lambda s, _, t: jnp.sum(L.kl_query_mask(doc_starts(s), t).astype(f32))), 1.0)
+        kl_norm = n_kl * n_csa
 
-        def micro_loss(mst, t, s, m):
-            ce, _, mtp, _, bal, load = model_losses(spec, _assemble(spec, mst, frozen), t, s, m)
-            loss = ce / n_tok + spec.mtp_weight * mtp / n_mtp + spec.balance_weight * bal / spec.grad_accum
-            return loss, (ce, mtp, bal, load)
+        def micro_loss(mst, t, s, m, tm):
+            r = model_losses(spec, _assemble(spec, mst, frozen), t, s, m, tm)
+            loss = (r["ce"] / n_tok + spec.mtp_weight * r["mtp"] / n_mtp
+                    + spec.balance_weight * r["balance"] / spec.grad_accum)
+            if kl_on:
+                loss = loss + spec.indexer_kl_weight * r["kl"] / kl_norm
+            return loss, (jnp.stack([r["ce"], r["mtp"], r["balance"], r["kl"]]), r["load"])
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(carry, xs):
             g_acc, sums, load_acc = carry
-            (_, (ce, mtp, bal, load)), g = grad_fn(master, *xs)
+            (_, (parts, load)), g = grad_fn(master, *xs)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(f32), g_acc, g)
-            return (g_acc, sums + jnp.stack([ce, mtp, bal]), load_acc + load), None
+            return (g_acc, sums + parts, load_acc + load), None
 
         n_rows = spec.cfg.n_layers + (spec.cfg.n_mtp if spec.with_mtp else 0)
-        init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), master), jnp.zeros(3, f32),
+        init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), master), jnp.zeros(4, f32),
                 jnp.zeros((n_rows, spec.cfg.n_routed_experts), f32))
-        (grads, sums, load), _ = jax.lax.scan(body, init, (toks, seg, mask))
+        (grads, sums, load), _ = jax.lax.scan(body, init, (toks, seg, mask, tmask))
         gnorm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], master)
         master = optax.apply_updates(master, updates)
@@ -626,6 +719,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, sched: Cal
             imb = jnp.zeros((), f32)
         metrics = {"loss": sums[0] / n_tok, "mtp_loss": sums[1] / n_mtp, "balance": sums[2] / spec.grad_accum,
                    "gnorm": gnorm, "lr": sched(state["step"]), "targets": n_tok, "imbalance": imb, "load": load}
+        if kl_on:
+            metrics["indexer_kl"] = sums[3] / kl_norm
         new = {"master": master, "frozen": frozen, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
         return new, metrics
     return step
@@ -634,9 +729,9 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, sched: Cal
 def make_eval_step(spec: StepSpec):
     def ev(state, batch):
         params = _assemble(spec, state["master"], state["frozen"])
-        ce, n, mtp, n2, _, _ = model_losses(dataclasses.replace(spec, remat=False), params,
-                                            batch["tokens"], batch["segment_ids"], batch["loss_mask"])
-        return jnp.stack([ce, n, mtp, n2])
+        r = model_losses(dataclasses.replace(spec, remat=False, indexer_kl_weight=0.0), params, batch["tokens"],
+                         batch["segment_ids"], batch["loss_mask"], _token_mask(batch))
+        return jnp.stack([r["ce"], r["n"], r["mtp"], r["n_mtp"]])
     return ev
 
 
@@ -705,6 +800,7 @@ class Trainer:
                  f"{'none' if self.eval_corpus is None else f'{len(self.eval_corpus)} documents'} "
                  f"[{time.time() - t0:.1f}s]")
         self.with_mtp = self.cfg.n_mtp > 0 and c["mtp_weight"] > 0
+        check_model(c, self.cfg)
         abstract = P.abstract_flat(self.cfg, "bf16")
         self.names = trainable_names(c, self.cfg, abstract)
         rx = re.compile(c["trainable"]) if c["trainable"] else None
@@ -719,7 +815,9 @@ class Trainer:
             bias_rows=bias_rows, balance_rows=tuple(r for r, _ in score_blocks(self.cfg, self.with_mtp)),
             grad_accum=c["grad_accum"],
             opt=(o["name"], o["lr"], o["warmup"], o["schedule"], o["final_lr"], o["decay_start"], o["weight_decay"],
-                 o["clip"], _freeze(o["muon"]), _freeze(o["adamw"]), o["row_splits"], c["steps"]))
+                 o["clip"], _freeze(o["muon"]), _freeze(o["adamw"]), o["row_splits"], c["steps"]),
+            loss_chunk=c["loss_chunk"], indexer_kl_weight=c["indexer_kl_weight"],
+            indexer_kl_dense=c["indexer_kl_mode"] == "dense", indexer_kl_chunk=c["indexer_kl_chunk"])
         self.n_active = flops_params(self.cfg, self.with_mtp)
         n_dev = math.prod(c["mesh"][a] for a in _MESH_AXES)
         self.peak = (c["peak_tflops"] or default_peak_tflops()) * 1e12 * n_dev
@@ -807,6 +905,7 @@ class Trainer:
             ev = D.PackedDataset(self.eval_corpus, c["seq_len"], c["seed"], pad_id=pad, shuffle=False)
             micro = c["batch"] // c["grad_accum"]
             rows = ev.epoch_rows(0, limit=d["eval_batches"] * micro)
+            rows["token_mask"] = pad_token_mask(rows, pad)
             n = (len(rows["tokens"]) // micro) * micro
             self.eval_rows = {k: v[:n].reshape(-1, micro, c["seq_len"]) for k, v in rows.items()} if n else None
 
@@ -894,6 +993,7 @@ class Trainer:
     def next_batch(self) -> dict:
         c = self.c
         rows = self.dataset.next_rows(c["batch"])
+        rows["token_mask"] = pad_token_mask(rows, self.dataset.pad_id)
         micro = c["batch"] // c["grad_accum"]
         return {k: v.reshape(c["grad_accum"], micro, c["seq_len"]) for k, v in rows.items()}
 
@@ -962,6 +1062,7 @@ class Trainer:
                     tps = n_log * tok_per_step / el
                     mfu = 6 * self.n_active * n_log * tok_per_step / el / self.peak
                     ev = f" | eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
+                    ev = (f" | indexer KL {rec['indexer_kl']:.4f}" if "indexer_kl" in rec else "") + ev
                     note = " (incl. compile)" if self.step == 1 or len(history) == 1 else ""
                     self.log(f"step {self.step}/{end} | loss {rec['loss']:.4f} | mtp {rec['mtp_loss']:.4f} | "
                              f"bal {rec['balance']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['gnorm']:.3f}{ev} | "
