@@ -54,3 +54,13 @@ def test_dispatch_uses_pool_backward_for_small_pools():
     got = jax.grad(f, argnums=(0, 1, 2))(q, kv, sink)
     for w, h in zip(want, got):
         np.testing.assert_allclose(np.asarray(h), np.asarray(w), atol=5e-6, rtol=1e-5)
+
+
+def test_gpu_decode_launch_choice():
+    """Decode launches from the H100 sweep: one pass at large batch uses 16 heads/program (H=64) or 64 heads and 8
+    warps (H=128); small batches keep the split path's defaults."""
+    from pallas_kernels.sparse_attention import gpu
+    assert gpu._decode_launch(64, 64, 640, None) == (16, 4)
+    assert gpu._decode_launch(64, 128, 1152, None) == (64, 8)
+    assert gpu._decode_launch(1, 64, 640, None) == (None, 4)
+    assert gpu._decode_launch(64, 64, 640, 8) == (16, 8)        # an explicit warp count is kept

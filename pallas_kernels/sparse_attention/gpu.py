@@ -161,6 +161,21 @@ def _pick_hb(H: int) -> int:
     return H
 
 
+def _decode_launch(B: int, H: int, T: int, num_warps: int | None) -> tuple[int | None, int]:
+    """(heads per program, warps) of a decode launch (S = 1) that runs in one pass: the fastest entries of the H100
+    launch sweep at batch 64, 64K context (docs/benchmarks.md): Flash (H = 64) 16 heads per program, 4 warps
+    (47.5 us vs 53.7 us with 32 heads); Pro (H = 128) 64 heads, 8 warps (101.6 us vs 149.2 us). Split launches
+    (small batches) keep the defaults."""
+    Hp = max(H, MIN_HEADS)
+    if auto_splits(B * (Hp // _pick_hb(Hp)), max(1, -(-T // BLOCK)), _num_sms()) > 1:
+        return None, num_warps or 4
+    if H >= 128 and H % 64 == 0:
+        return 64, num_warps or 8
+    if H % 16 == 0:
+        return 16, num_warps or 4
+    return None, num_warps or 4
+
+
 def _num_sms() -> int:
     try:
         dev = jax.devices()[0]
@@ -210,7 +225,7 @@ def plan(B: int, S: int, H: int, T: int, *, block: int = BLOCK, heads_per_progra
                                              "prefetch", "prepass_heads", "num_warps", "num_stages", "interpret"))
 def sparse_attention(q, kv, idx, sink, scale: float, *, block: int = BLOCK, heads_per_program: int | None = None,
                      num_splits: int | None = None, exact: bool = True, prefetch: bool = False,
-                     prepass_heads: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                     prepass_heads: int | None = None, num_warps: int | None = None, num_stages: int = 3,
                      interpret: bool = False):
     """q [B,S,H,K], kv [B,N,K], idx [B,S,T] int32 (-1 masked), sink [H] f32 -> [B,S,H,K] (q.dtype).
 
@@ -229,6 +244,9 @@ def sparse_attention(q, kv, idx, sink, scale: float, *, block: int = BLOCK, head
     T = idx.shape[-1]
     if T == 0:
         return jnp.zeros_like(q)
+    if S == 1 and heads_per_program is None and num_splits is None:     # decode: the launch sweep's best
+        heads_per_program, num_warps = _decode_launch(B, H, T, num_warps)
+    num_warps = num_warps or 4
     p = plan(B, S, H, T, block=block, heads_per_program=heads_per_program, num_splits=num_splits,
              interpret=interpret)
     Hp, hb, G, nb, P, bps = p["Hp"], p["hb"], p["G"], p["nb"], p["P"], p["bps"]
