@@ -14,8 +14,11 @@ import shutil
 import sys
 import time
 
-from v4jax import train as T
-from v4jax.checkpoint import save
+from v4jax.xla_flags import apply_defaults
+
+apply_defaults()                     # before JAX starts: Triton GEMM autotuning off (see v4jax/xla_flags.py)
+from v4jax import train as T  # noqa: E402
+from v4jax.checkpoint import save  # noqa: E402
 
 budget, out = float(sys.argv[1]), sys.argv[2]
 raw = T.load_config("configs/demo.yaml", [f"out_dir={out}", "data.tokenizer=v4jax/assets/demo/tokenizer.json",

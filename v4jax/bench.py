@@ -6,6 +6,8 @@ Subcommands (each is a function taking the parsed arguments; add yours with a pa
   load      streaming checkpoint load: disk -> device GB/s and peak host RSS (v4jax/bench_load.py).
   moe       the MoE grouped matmul at Flash expert shapes, TFLOP/s vs bf16 peak (v4jax/bench_moe.py).
   train     a V4-shaped training step, tokens/s and MFU, Muon vs AdamW (v4jax/bench_train.py).
+  full      a complete Flash/Pro model at real size, native FP8/FP4 weights generated on the devices, experts
+            sharded: prefill/decode throughput, memory, KV bytes/token, decode floor (v4jax/bench_full.py).
 
 Timing: warm-up calls first (compilation excluded), then samples of n back-to-back calls (n chosen so that a sample
 lasts a few ms; the inputs rotate among several sets so small pools are not served from L2), each sample ended
@@ -783,13 +785,16 @@ def _parsers(sub):
                    help="(CPU test of the script) run the GPU kernel in interpret mode instead of the dispatch")
     k.set_defaults(func=bench_kernels)
     # the other benches live in their own modules (imported here: they import helpers from this one)
-    from v4jax import bench_load, bench_moe, bench_train
+    from v4jax import bench_full, bench_load, bench_moe, bench_train
+    bench_full.add_parser(sub)
     bench_load.add_parser(sub)
     bench_moe.add_parser(sub)
     bench_train.add_parser(sub)
 
 
 def main(argv=None) -> int:
+    from .xla_flags import apply_defaults
+    apply_defaults()
     ap = argparse.ArgumentParser(prog="python -m v4jax.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     _parsers(sub)

@@ -286,6 +286,8 @@ def _interactive(gen, args, sampling: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .xla_flags import apply_defaults
+    apply_defaults()
     args = build_parser().parse_args(argv)
     return run(args)
 

@@ -1126,6 +1126,8 @@ def train(config: dict, log: Callable[[str], None] | None = None) -> Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .xla_flags import apply_defaults
+    apply_defaults()
     ap = argparse.ArgumentParser(prog="python -m v4jax.train", description=__doc__.split("\n")[0],
                                  epilog="overrides: dotted keys, values typed as YAML (optimizer.lr=1e-3 "
                                         "model.overrides.quant_sim=false data.paths=[a.txt,b.txt])")
