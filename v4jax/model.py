@@ -234,29 +234,30 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
             "layers": [attention.init_cache(cfg, i, batch, max_len) for i in range(cfg.n_layers)]}
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int):
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False):
     X = _embed(cfg, params, tokens)
     caches = []
     for i in range(cfg.n_layers):
         X, c = _block(cfg, params["layers"][str(i)], i, X, tokens, max_len)
         caches.append(c)
-    logits = _head(cfg, params, params["head"], X)
+    logits = _head(cfg, params, params["head"], X[:, -1:] if last_only else X)
     pos = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     return logits, {"pos": pos, "layers": caches}
 
 
-def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int):
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False):
     """Run the prompt [B, S] (positions 0..S-1) -> (logits [B, S, V], cache for `decode_step`).
 
-    `max_len` bounds the total length (prompt + generated tokens) the cache can hold."""
+    `max_len` bounds the total length (prompt + generated tokens) the cache can hold. last_only: logits of the
+    last position only ([B, 1, V]; at a 129K vocabulary, all positions of a 64K prompt would be 34 GB)."""
     _check_tokens(cfg, tokens)
     S = tokens.shape[1]
     if S > max_len:
         raise ValueError(f"prompt has {S} tokens, more than max_len={max_len}")
     if max_len > cfg.max_position_embeddings:
         raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    return _prefill(cfg, params, tokens, int(max_len))
+    return _prefill(cfg, params, tokens, int(max_len), bool(last_only))
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))

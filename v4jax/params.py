@@ -251,6 +251,78 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: str = "bf16") -> dict[s
     return unflatten(flat)
 
 
+_LEAF_INIT_CACHE: dict = {}
+PER_EXPERT_BYTES = 1 << 30     # stacked-expert leaves whose fp32 draw per device exceeds this go expert by expert
+
+
+def _per_expert(name: str, p: Param, outs) -> bool:
+    if ".experts." not in name or len(p.shape) != 3 or p.init != "normal":
+        return False
+    return 4 * math.prod(outs[0].shard_shape(p.shape)) > PER_EXPERT_BYTES
+
+
+def _quantized_value(cfg: ModelConfig, p: Param, dtype: str, v):
+    if p.storage in ("fp8", "fp4"):
+        w, s = quant.quantize_fp8_weight(v) if p.storage == "fp8" else quant.quantize_fp4_weight(v)
+        return (w, s) if dtype == "native" else (dequantize_leaf(p.storage, w, s),)
+    return (v if p.storage == "i32" else v.astype(DTYPES[p.storage]),)
+
+
+def _expert_init_fn(cfg: ModelConfig, p: Param, dtype: str, outs):
+    """A stacked [E, out, in] leaf drawn and quantised one expert at a time (expert e from fold_in(key, e)), inside
+    a shard_map over the expert dimension's mesh axes: a device's peak is one expert's fp32 draw, not its whole
+    shard's (Pro: 48 local experts x 3072 x 7168 fp32 = 4 GB per leaf, with the weights already filling HBM)."""
+    spec0 = outs[0].spec[0] if len(outs[0].spec) else None
+    one_p = Param(p.shape[1:], p.storage, p.axes[1:], p.init)
+
+    def draw(key, e):
+        return _quantized_value(cfg, one_p, dtype, _init_value(cfg, "", one_p, jax.random.fold_in(key, e)))
+
+    if spec0 is None:
+        return jax.jit(lambda k: jax.lax.map(lambda e: draw(k, e), jnp.arange(p.shape[0])), out_shardings=outs)
+    axes = (spec0,) if isinstance(spec0, str) else tuple(spec0)
+    mesh = outs[0].mesh
+    n = math.prod(dict(mesh.shape)[a] for a in axes)
+    e_loc = p.shape[0] // n
+
+    def local(k):
+        idx = 0
+        for a in axes:
+            idx = idx * dict(mesh.shape)[a] + jax.lax.axis_index(a)
+        return jax.lax.map(lambda e: draw(k, idx * e_loc + e), jnp.arange(e_loc))
+    specs = tuple(o.spec for o in outs)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=specs),
+                   out_shardings=outs)
+
+
+def init_params_sharded(cfg: ModelConfig, key: jax.Array, shardings: dict[str, Any], dtype: str = "native"
+                        ) -> dict[str, Any]:
+    """`init_params` generated directly on the devices: each parameter's arrays are produced (and, for FP8/FP4
+    storage, quantised) by one jit whose outputs land on `shardings` (a pytree like `abstract_params(cfg, dtype)`,
+    e.g. `sharding.param_shardings`), so nothing passes through host memory and a device holds only its shard.
+    The values of `init_params` for the same key (up to float rounding: jit fuses the scaling). Jits are shared
+    between parameters of equal shape/kind, so a full-size model compiles a few dozen small programs.
+    Stacked-expert leaves too large to draw at once per device (> PER_EXPERT_BYTES of fp32) are drawn expert by
+    expert with keys fold_in(key, expert): the same distribution, other values than `init_params`."""
+    _check_dtype(dtype)
+    sh = flatten(shardings)
+    flat: dict[str, jax.Array] = {}
+    for name, p in declare(cfg).items():
+        names = list(stored_leaves(name, p, dtype))
+        outs = tuple(sh[n] for n in names)
+        sig = (p, dtype, outs, cfg.n_routed_experts if p.init == "hash" else None)
+        fn = _LEAF_INIT_CACHE.get(sig)
+        if fn is None and _per_expert(name, p, outs):
+            fn = _LEAF_INIT_CACHE[sig] = _expert_init_fn(cfg, p, dtype, outs)
+        if fn is None:
+            fn = _LEAF_INIT_CACHE[sig] = jax.jit(lambda k, p=p: _quantized_value(cfg, p, dtype,
+                                                                                 _init_value(cfg, "", p, k)),
+                                                 out_shardings=outs)
+        vals = fn(jax.random.fold_in(key, zlib.crc32(name.encode())))
+        flat.update(zip(names, vals))
+    return unflatten(flat)
+
+
 def dequantize_leaf(storage: str, w: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     if storage == "fp8":
         return quant.dequant_fp8_weight(w, scale, dtype)
