@@ -488,3 +488,18 @@ def test_hadamard_matches_sylvester_matrix(n):
 def test_hadamard_rejects_non_power_of_two():
     with pytest.raises(ValueError):
         hadamard(jnp.ones((2, 12)))
+
+
+def test_fp8_fp4_rounding_matches_the_casts_bit_for_bit():
+    """The reduce_precision form of E4M3FN / E2M1 rounding (XLA's GPU compiler removes cast round trips under jit,
+    it keeps reduce_precision) equals the dtype conversions, incl. ties, subnormals and the range ends."""
+    from v4jax.quant import _rne_e4m3_f32, _round_e2m1
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1 << 18) * np.exp2(rng.integers(-14, 9, 1 << 18))).astype(np.float32)
+    ties8 = np.concatenate([np.arange(-4096, 4097) / 4096.0, np.arange(-448, 448.01, 0.25)]).astype(np.float32)
+    x8 = np.clip(np.concatenate([x, ties8]), -448, 448)
+    want8 = np.asarray(jnp.asarray(x8).astype(jnp.float8_e4m3fn).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(jax.jit(_rne_e4m3_f32)(x8)), want8)
+    x4 = np.clip(np.concatenate([x / 64, np.arange(-6, 6.0001, 0.125)]).astype(np.float32), -6, 6)
+    want4 = np.asarray(jnp.asarray(x4).astype(jnp.float4_e2m1fn).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(jax.jit(_round_e2m1)(x4)), want4)
