@@ -4,6 +4,15 @@ entries, one softmax with a per-head sink, then inverse RoPE and the grouped out
 Prefill attends over the pool [S raw KV rows | S//m compressed entries]; decode over [W-slot ring | compressed
 cache]. Which pool rows a query may read is given entirely by its index list (-1 = masked), so causality and the
 completion rule `entry j visible at t iff j < (t + 1) // m` live in the index sets built here.
+
+Decode cache storage (`cfg.kv_cache_format`, spec 3.1/3.2): "bf16" keeps window rows and compressed entries as
+activations (the reference). "fp8" keeps each of them as one uint8 row in the production layout
+[nope FP8 e4m3 | RoPE dims bf16 | one UE8M0 scale per 64 nope values | zero pad to 8 B] (584 B at head_dim 512)
+and the indexer keys as FP4 (indexer.store_keys, 68 B). The stored values already carry the FP8/FP4 simulation,
+so with `quant_sim` on both formats hold the same numbers and decode gives the same logits. An fp8 decode step
+gathers only the rows its query reads (window ring in ring order, the top-k CSA entries or all HCA entries),
+dequantises those and runs sparse attention on the compact [B, T, hd] block with index list 0..T-1 (-1 kept).
+`cache_bytes_per_token` / `cache_bytes` account for the memory.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from .config import ModelConfig
 from .sharding import active_axis_size
 from .layers import act_dtype, apply_rope, linear_fp8, rms_norm, rope_table, weight
+from . import quant
 from .quant import round_to
 
 f32 = jnp.float32
@@ -207,19 +217,62 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
     return _output(cfg, p, o, cos, sin)
 
 
+# ---- cache storage ------------------------------------------------------------------------------------
+def kv_bytes(cfg: ModelConfig, fmt: str | None = None) -> int:
+    """Bytes of one cached main KV row (window row or compressed entry) in cache format `fmt`."""
+    if (fmt or cfg.kv_cache_format) == "bf16":
+        return cfg.head_dim * jnp.dtype(act_dtype(cfg)).itemsize
+    nope, rd = cfg.nope_head_dim, cfg.qk_rope_head_dim
+    return -(-(nope + 2 * rd + nope // 64) // 8) * 8
+
+
+def store_kv(cfg: ModelConfig, kv: jax.Array) -> jax.Array:
+    """Main KV [..., hd] (activation dtype, nope dims FP8-simulated) -> cache rows [..., kv_bytes].
+
+    fp8: the nope dims are quantised with the reference's rule (blocks of 64, E8M0 scale); on values that are
+    already FP8-simulated this is lossless (the recomputed scale is s or s/2, and doubling an E4M3 value is
+    exact), so the row decodes to the same numbers. The RoPE dims are stored as bf16."""
+    if cfg.kv_cache_format == "bf16":
+        return kv.astype(act_dtype(cfg))
+    nope = cfg.nope_head_dim
+    q, s = quant.act_quant_fp8(kv[..., :nope], 64)                                    # E4M3, f32 [..., nope/64]
+    u8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8)
+    rope = u8(round_to(kv[..., nope:], jnp.bfloat16))                                 # [..., rd, 2]
+    parts = [u8(q), rope.reshape(*rope.shape[:-2], -1), u8(quant.f32_to_e8m0(s))]
+    pad = kv_bytes(cfg) - sum(a.shape[-1] for a in parts)
+    parts.append(jnp.zeros(kv.shape[:-1] + (pad,), jnp.uint8))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def load_kv(cfg: ModelConfig, rows: jax.Array) -> jax.Array:
+    """Inverse of `store_kv`: cache rows [..., kv_bytes] -> [..., hd] in the activation dtype (exact)."""
+    if cfg.kv_cache_format == "bf16":
+        return rows
+    nope, rd, dt = cfg.nope_head_dim, cfg.qk_rope_head_dim, act_dtype(cfg)
+    lead = rows.shape[:-1]
+    q = jax.lax.bitcast_convert_type(rows[..., :nope], jnp.float8_e4m3fn).astype(f32)
+    rope = jax.lax.bitcast_convert_type(rows[..., nope:nope + 2 * rd].reshape(*lead, rd, 2), jnp.bfloat16)
+    sc = jax.lax.bitcast_convert_type(rows[..., nope + 2 * rd:nope + 2 * rd + nope // 64], jnp.float8_e8m0fnu)
+    v = (q.reshape(*lead, nope // 64, 64) * quant.e8m0_to_f32(sc)[..., None]).reshape(*lead, nope)
+    return jnp.concatenate([v.astype(dt), rope.astype(dt)], axis=-1)
+
+
 def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int) -> dict:
-    """Empty decode state of one layer (spec 3.1)."""
-    m, W, hd, dt = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim, act_dtype(cfg)
-    c = {"window": jnp.zeros((batch, W, hd), dt)}
+    """Empty decode state of one layer (spec 3.1), rows stored in cfg.kv_cache_format."""
+    m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
+    bf16 = cfg.kv_cache_format == "bf16"     # else rows of uint8 bytes
+    kv_row, key_row = ((hd, cfg.index_head_dim) if bf16 else (kv_bytes(cfg), indexer.key_bytes(cfg)))
+    dt = act_dtype(cfg) if bf16 else jnp.uint8
+    c = {"window": jnp.zeros((batch, W, kv_row), dt)}
     if m:
         rows, ch = compressor.state_shape(m, hd)
-        c["comp"] = jnp.zeros((batch, -(-max_len // m), hd), dt)
+        c["comp"] = jnp.zeros((batch, -(-max_len // m), kv_row), dt)
         c["comp_kv"] = jnp.zeros((batch, rows, ch), f32)
         c["comp_score"] = jnp.full((batch, rows, ch), -jnp.inf, f32)
     if m == 4:
         dI = cfg.index_head_dim
         rows, ch = compressor.state_shape(m, dI)
-        c["index_keys"] = jnp.zeros((batch, -(-max_len // m), dI), dt)
+        c["index_keys"] = jnp.zeros((batch, -(-max_len // m), key_row), dt)
         c["index_kv"] = jnp.zeros((batch, rows, ch), f32)
         c["index_score"] = jnp.full((batch, rows, ch), -jnp.inf, f32)
     return c
@@ -230,16 +283,48 @@ def _prefill_cache(cfg: ModelConfig, layer: int, kv, parts: dict, S: int, max_le
     W = cfg.sliding_window
     c = init_cache(cfg, layer, B, max_len)
     last = jnp.arange(max(S - W, 0), S)
-    c["window"] = c["window"].at[:, last % W].set(kv[:, last])
+    c["window"] = c["window"].at[:, last % W].set(store_kv(cfg, kv[:, last]))
     if "comp_entries" in parts:
         n = parts["comp_entries"].shape[1]
-        c["comp"] = c["comp"].at[:, :n].set(parts["comp_entries"])
+        if n:
+            c["comp"] = c["comp"].at[:, :n].set(store_kv(cfg, parts["comp_entries"]))
         c["comp_kv"], c["comp_score"] = parts["comp_state"]
     if "index_keys" in parts:
         n = parts["index_keys"].shape[1]
-        c["index_keys"] = c["index_keys"].at[:, :n].set(parts["index_keys"])
+        if n:
+            c["index_keys"] = c["index_keys"].at[:, :n].set(indexer.store_keys(cfg, parts["index_keys"]))
         c["index_kv"], c["index_score"] = parts["index_state"]
     return c
+
+
+def cache_bytes(cfg: ModelConfig, max_len: int, fmt: str | None = None, batch: int = 1) -> int:
+    """Exact bytes of `model.init_cache(cfg, batch, max_len)` in format `fmt` (default cfg.kv_cache_format):
+    every layer's window ring, compressed entries, indexer keys and fp32 compressor streaming state, plus the
+    position counter. Shape-only (jax.eval_shape), so it costs no memory at Flash/Pro sizes."""
+    c = cfg.replace(kv_cache_format=fmt or cfg.kv_cache_format)
+    shapes = jax.eval_shape(lambda: [init_cache(c, i, batch, max_len) for i in range(c.n_layers)])
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes)) + batch * 4
+
+
+def cache_bytes_per_token(cfg: ModelConfig, fmt: str | None = None, seq_len: int | None = None) -> float:
+    """KV-cache bytes per token of one sequence in format `fmt` (default cfg.kv_cache_format).
+
+    seq_len None: the growing part only -- per main layer, one compressed entry per m tokens plus, on CSA layers,
+    one indexer key per 4 tokens (window rings and compressor tails excluded), i.e. spec 3.2's table: Flash 3514
+    ("fp8": FP8 entries of 584 B + FP4 keys of 68 B) / 6880 ("bf16"), Pro 5031 / 9848. With seq_len: everything
+    a decode cache for a sequence of that length holds (`cache_bytes(cfg, seq_len, fmt)`: rings, fp32 compressor
+    state, entries rounded up to whole blocks) divided by seq_len. The MTP block keeps no decode cache here."""
+    fmt = fmt or cfg.kv_cache_format
+    if seq_len is not None:
+        return cache_bytes(cfg, seq_len, fmt) / seq_len
+    total = 0.0
+    for layer in range(cfg.n_layers):
+        m = cfg.ratio(layer)
+        if m:
+            total += kv_bytes(cfg, fmt) / m
+        if m == 4:
+            total += indexer.key_bytes(cfg, fmt) / m
+    return total
 
 
 # ---- decode -------------------------------------------------------------------------------------------
@@ -250,14 +335,19 @@ def _write(buf: jax.Array, slot: jax.Array, row: jax.Array, mask: jax.Array | No
     return jax.vmap(lambda b, i, r: b.at[i].set(r))(buf, slot, row)
 
 
+def _gather_rows(buf: jax.Array, idx: jax.Array) -> jax.Array:
+    """buf [B, N, R], idx [B, T] (-1 = none) -> rows [B, T, R] (row 0 where idx is -1; masked by the caller)."""
+    return jnp.take_along_axis(buf, jnp.maximum(idx, 0)[..., None], axis=1)
+
+
 def decode(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, pos: jax.Array, c: dict, inv_freq):
     """One token per sequence: x [B, 1, d], pos [B] -> (out [B, 1, d], new layer cache)."""
     m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
     cos, sin = rope_table(pos[:, None], inv_freq)
     qr, q, kv = _qkv(cfg, p, x, cos, sin)
     c = dict(c)
-    c["window"] = _write(c["window"], pos % W, kv[:, 0])
-    pool, idx = c["window"], window_idx_decode(pos, W)
+    c["window"] = _write(c["window"], pos % W, store_kv(cfg, kv[:, 0]))
+    widx, cidx = window_idx_decode(pos, W), None
     if m:
         x0 = x[:, 0]
         n_visible = (pos + 1) // m
@@ -265,20 +355,28 @@ def decode(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, pos: jax.Array, 
             key, done, st = compressor.decode(cfg, p["indexer"]["compressor"], x0, pos,
                                               (c["index_kv"], c["index_score"]), m, cfg.index_head_dim,
                                               inv_freq, indexer=True)
-            c["index_keys"] = _write(c["index_keys"], pos // m, key, done)
+            c["index_keys"] = _write(c["index_keys"], pos // m, indexer.store_keys(cfg, key), done)
             c["index_kv"], c["index_score"] = st
         entry, done, st = compressor.decode(cfg, p["compressor"], x0, pos, (c["comp_kv"], c["comp_score"]),
                                             m, hd, inv_freq)
-        c["comp"] = _write(c["comp"], pos // m, entry, done)
+        c["comp"] = _write(c["comp"], pos // m, store_kv(cfg, entry), done)
         c["comp_kv"], c["comp_score"] = st
         C = c["comp"].shape[1]
         if m == 4:
             qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-            s = indexer.scores(qI, w, c["index_keys"])[:, 0]
+            s = indexer.cached_scores(cfg, qI, w, c["index_keys"])[:, 0]
             cidx = indexer.topk(s, n_visible, min(cfg.index_topk, C))
         else:
             cidx = all_entries_idx(n_visible, C)
-        pool = jnp.concatenate([pool, c["comp"]], axis=1)
-        idx = jnp.concatenate([idx, _offset(cidx, W)], axis=-1)
+    if cfg.kv_cache_format == "bf16":     # the kernel gathers straight from [ring | compressed cache]
+        pool, idx = c["window"], widx
+        if m:
+            pool = jnp.concatenate([pool, c["comp"]], axis=1)
+            idx = jnp.concatenate([idx, _offset(cidx, W)], axis=-1)
+    else:                                 # gather the rows this query reads, dequantise only those
+        rows = [_gather_rows(c["window"], widx)] + ([_gather_rows(c["comp"], cidx)] if m else [])
+        pool = load_kv(cfg, jnp.concatenate(rows, axis=1))                                # [B, T, hd]
+        idx = widx if cidx is None else jnp.concatenate([widx, cidx], axis=-1)
+        idx = jnp.where(idx >= 0, jnp.arange(idx.shape[-1], dtype=jnp.int32), -1)
     o = _attend(cfg, p, q, pool, idx[:, None, :])
     return _output(cfg, p, o, cos, sin), c

@@ -304,16 +304,20 @@ def run(args) -> int:
             if left() < 15:
                 log(f"decode {B}x{_fmt_tok(ctx)}: skipped (budget)")
                 continue
+            steps = args.steps
             try:
                 cache = f[0](key)
                 tok = jax.device_put(np.zeros((B,), np.int32), rep)
+                t0 = time.perf_counter()
                 cache, tok = c[0](params, cache, tok, 2)                     # warm-up: 2 steps
                 jax.block_until_ready(tok)
+                est = (time.perf_counter() - t0) / 2
+                steps = args.steps if est * args.steps < max(left() / 2, 5.0) else max(8, int(left() / 2 / est))
                 mem = device_memory()
                 t0 = time.perf_counter()
-                cache, tok = c[0](params, cache, tok, args.steps)
+                cache, tok = c[0](params, cache, tok, steps)
                 jax.block_until_ready(tok)
-                dt = (time.perf_counter() - t0) / args.steps
+                dt = (time.perf_counter() - t0) / steps
                 del cache
                 err = None
             except Exception as e:  # noqa: BLE001
@@ -323,6 +327,7 @@ def run(args) -> int:
             floor_rep = (need["dense"] + (need["experts"] + need["cache"]) / n_dev) / bw if bw == bw else float("nan")
             cache_dev = attention.cache_bytes(cfg, ctx + args.steps + 8, batch=B)
             row = {"batch": B, "ctx": ctx, "ms_per_token": dt * 1e3 if dt else None, "error": err,
+                   "steps": steps if dt else None,
                    "tokens_per_s": B / dt if dt else None, "step_bytes_GB": need["total"] / 1e9,
                    "floor_ms": floor * 1e3, "floor_replicated_ms": floor_rep * 1e3,
                    "x_floor": (dt / floor) if dt else None, "cache_GB": cache_dev / 1e9, "memory_GiB": mem,

@@ -5,9 +5,12 @@
 the real layer patterns, for tests and demos). The config is frozen and hashable, so it can be a static argument
 of `jax.jit`.
 
-Two fields are v4jax's own, not HF's: `quant_sim` (the reference's quantisation simulations: FP8 activation
-quantisation before FP8 linears, FP8 rounding of the non-RoPE KV dims, FP4 rounding on the indexer path) and
-`compute_dtype` (the activation dtype the reference keeps in bf16; "float32" is for tight equivalence tests).
+Three fields are v4jax's own runtime options, not HF's (never read from nor written to config.json): `quant_sim`
+(the reference's quantisation simulations: FP8 activation quantisation before FP8 linears, FP8 rounding of the
+non-RoPE KV dims, FP4 rounding on the indexer path), `compute_dtype` (the activation dtype the reference keeps in
+bf16; "float32" is for tight equivalence tests) and `kv_cache_format` (how the decode cache stores its entries:
+"bf16" as the reference does, or "fp8", the production layout of spec 3.2 -- FP8 e4m3 non-RoPE dims with UE8M0
+scales + bf16 RoPE dims for window/compressed entries, FP4 e2m1 indexer keys with UE8M0 scales).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Any
 
 _MODEL_TYPE = "deepseek_v4"
 _VALID_RATIOS = (0, 4, 128)
+RUNTIME_OPTIONS = ("quant_sim", "compute_dtype", "kv_cache_format")   # v4jax's own fields, not in config.json
+KV_CACHE_FORMATS = ("bf16", "fp8")
 
 
 class ConfigError(ValueError):
@@ -72,6 +77,7 @@ class ModelConfig:
     # v4jax numerics switches (not in HF config.json)
     quant_sim: bool = True
     compute_dtype: str = "bfloat16"
+    kv_cache_format: str = "bf16"   # decode cache storage: "bf16" (reference) or "fp8" (production, spec 3.2)
 
     def __post_init__(self):
         _validate(self)
@@ -141,7 +147,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for k, v in raw.items():
-            if k in names and k not in ("quantized", "quant_sim", "compute_dtype"):
+            if k in names and k not in ("quantized",) + RUNTIME_OPTIONS:
                 kw[k] = v
         scaling = raw.get("rope_scaling")
         if scaling is not None:
@@ -176,7 +182,7 @@ class ModelConfig:
         """The HF config.json dict (the inverse of from_dict)."""
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": _MODEL_TYPE}
         skip = {"rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "quantized",
-                "quant_sim", "compute_dtype"}
+                *RUNTIME_OPTIONS}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 v = getattr(self, f.name)
@@ -272,6 +278,8 @@ def _validate(c: ModelConfig) -> None:
         bad("moe_intermediate_size", "hidden_size and moe_intermediate_size must be multiples of 32 (FP4 blocks)")
     if c.compute_dtype not in ("bfloat16", "float32"):
         bad("compute_dtype", "must be 'bfloat16' or 'float32'")
+    if c.kv_cache_format not in KV_CACHE_FORMATS:
+        bad("kv_cache_format", f"must be one of {KV_CACHE_FORMATS}")
     if not c.norm_topk_prob:
         bad("norm_topk_prob", "DeepSeek-V4 renormalises the top-k weights")
     if c.tie_word_embeddings:

@@ -4,6 +4,11 @@
 computed with bf16 tensors as the reference does (score einsum output, ReLU, weighting, head sum rounded to bf16).
 Queries are RoPE'd on their last dims, Hadamard-rotated and FP4-simulated; keys come from the indexer's own
 compressor (compressor.py with indexer=True).
+
+Decode cache storage of the keys (`kv_cache_format`): "bf16" keeps them as activations; "fp8" (the production
+layout, spec 3.2) keeps each key as FP4 e2m1, two per byte, + one UE8M0 scale per 32 values: dI/2 + dI/32 bytes
+(68 B for dI = 128), one uint8 row per key. The stored values are already FP4-simulated (compressor.finish), so
+with `quant_sim` on the FP4 row holds exactly the bf16 key (re-quantising an FP4-simulated block is lossless).
 """
 from __future__ import annotations
 
@@ -29,6 +34,33 @@ def queries(cfg: ModelConfig, p: dict, x: jax.Array, qr: jax.Array, cos, sin) ->
     return q, w
 
 
+def key_bytes(cfg: ModelConfig, fmt: str | None = None) -> int:
+    """Bytes of one cached indexer key in cache format `fmt` (default cfg.kv_cache_format)."""
+    dI = cfg.index_head_dim
+    if (fmt or cfg.kv_cache_format) == "bf16":
+        return dI * jnp.dtype(act_dtype(cfg)).itemsize
+    return dI // 2 + dI // 32
+
+
+def store_keys(cfg: ModelConfig, keys: jax.Array) -> jax.Array:
+    """Keys [..., dI] (activation dtype) -> cache rows [..., key_bytes] (fp8 format: packed FP4 | UE8M0 scales)."""
+    if cfg.kv_cache_format == "bf16":
+        return keys.astype(act_dtype(cfg))
+    packed, scale = quant.quantize_fp4_weight(keys, 32)            # int8 [..., dI/2], E8M0 [..., dI/32]
+    u8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8)
+    return jnp.concatenate([u8(packed), u8(scale)], axis=-1)
+
+
+def load_keys(cfg: ModelConfig, rows: jax.Array) -> jax.Array:
+    """Inverse of `store_keys`: cache rows [..., key_bytes] -> keys [..., dI] in the activation dtype (exact)."""
+    if cfg.kv_cache_format == "bf16":
+        return rows
+    dI = cfg.index_head_dim
+    packed = jax.lax.bitcast_convert_type(rows[..., :dI // 2], jnp.int8)
+    scale = jax.lax.bitcast_convert_type(rows[..., dI // 2:dI // 2 + dI // 32], jnp.float8_e8m0fnu)
+    return quant.dequant_fp4_weight(packed, scale, act_dtype(cfg), 32)
+
+
 def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     """q [B, S, nI, dI], w [B, S, nI], keys [B, C, dI] -> index scores [B, S, C] (activation dtype)."""
     dt = q.dtype
@@ -36,6 +68,12 @@ def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     s = r(jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32, precision="highest"))
     s = r(jax.nn.relu(s) * w.astype(f32)[..., None])
     return quant.round_to(jnp.sum(s, axis=2), dt)
+
+
+def cached_scores(cfg: ModelConfig, q: jax.Array, w: jax.Array, rows: jax.Array) -> jax.Array:
+    """`scores` against cached keys in the cache's storage format: every key is read anyway, so the FP4 keys are
+    dequantised inside this computation (elementwise, fused by XLA with the score einsum's operand)."""
+    return scores(q, w, load_keys(cfg, rows))
 
 
 def topk(index_scores: jax.Array, n_visible: jax.Array, k: int, first: jax.Array | int = 0) -> jax.Array:
