@@ -129,7 +129,8 @@ def routed_sum_expert_parallel(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax
         return jax.lax.psum(y, "expert")
 
     pe_spec = jax.tree.map(lambda _: P("expert"), p)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, pe_spec), out_specs=tok)(x, ids, w, p)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, pe_spec), out_specs=tok,
+                         check_vma=False)(x, ids, w, p)   # Pallas out_shapes carry no varying-axes info (JAX 0.11)
 
 
 def router_stats(cfg: ModelConfig, ids: jax.Array, a: jax.Array, B: int) -> dict:
