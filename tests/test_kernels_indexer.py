@@ -87,3 +87,28 @@ def test_kernels_lower_for_their_platforms():
                       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert "triton" in e.mlir_module()
     assert "tpu_custom_call" in export.export(jax.jit(tpu.index_scores), platforms=["tpu"])(*args).mlir_module()
+
+
+def test_model_prefill_scores_through_the_dispatch(monkeypatch):
+    """attention.prefill scores CSA entries through pallas_kernels.indexer.index_scores (the Pallas kernel on
+    GPU/TPU; the jnp reference materialises [B, S, heads, C] fp32 scores -- 256 GiB at Flash size and 64K tokens):
+    forcing the GPU kernel (interpret mode) gives the reference's prefill output and calls the kernel."""
+    from v4jax import attention, params as P
+    from v4jax.config import ModelConfig
+    from v4jax.layers import rope_inv_freq
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32", quant_sim=False)
+    layer = next(i for i in range(cfg.n_layers) if cfg.ratio(i) == 4)
+    p = P.init_params(cfg, jax.random.key(0), "bf16")["layers"][str(layer)]["attn"]
+    x = jax.random.normal(jax.random.key(1), (1, 64, cfg.dim), jnp.float32)
+    want = attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0]
+    calls = []
+    real = gpu.index_scores
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+    monkeypatch.setattr(ix, "default_backend", lambda platform=None: "gpu")
+    monkeypatch.setattr(gpu, "index_scores", spy)
+    got = attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0]
+    assert calls, "the prefill did not go through the indexer dispatch"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import indexer as indexer_kernels     # a module: pallas_kernels.indexer imports v4jax.indexer
 from pallas_kernels.sparse_attention import sparse_attention
 
 from . import compressor, indexer
@@ -142,7 +143,8 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
         if n:
             if m == 4:
                 qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-                cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible, min(cfg.index_topk, n), first)
+                scores = indexer_kernels.index_scores(qI, w, keys)
+                cidx = indexer.topk(scores, n_visible, min(cfg.index_topk, n), first)
             else:
                 cidx = all_entries_idx(n_visible, n, first)
             pool = jnp.concatenate([kv, entries], axis=1)
@@ -209,7 +211,8 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
         if m == 4:
             keys = gathered(p["indexer"]["compressor"], cfg.index_head_dim, True)
             qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-            cidx = indexer.topk(indexer.scores(qI, w, keys), n_visible, min(cfg.index_topk, C), first)
+            scores = indexer_kernels.index_scores(qI, w, keys)
+            cidx = indexer.topk(scores, n_visible, min(cfg.index_topk, C), first)
         else:
             cidx = all_entries_idx(n_visible, C, first)
         pool = jnp.concatenate([pool, entries], axis=1)
