@@ -49,36 +49,30 @@ def _check_fmt(fmt: str, indexer_keys: str) -> None:
 
 
 def kv_entry_bytes(cfg: ModelConfig, fmt: str = "fp8") -> int:
-    """Bytes of one cached main KV row (window row or compressed entry)."""
+    """Bytes of one cached main KV row (window row or compressed entry): `attention.kv_bytes`."""
     _check_fmt(fmt, "fp4")
-    if fmt == "bf16":
-        return 2 * cfg.head_dim
-    nope, rd = cfg.nope_head_dim, cfg.qk_rope_head_dim
-    return -(-(nope + 2 * rd + nope // 64) // 8) * 8
+    return attention.kv_bytes(cfg, fmt)
 
 
 def index_key_bytes(cfg: ModelConfig, fmt: str = "fp8", indexer_keys: str = "fp4") -> int:
-    """Bytes of one cached indexer key (fmt "fp8": FP4 + per-32 UE8M0 scales, or FP8 + one fp32 scale)."""
+    """Bytes of one cached indexer key (fmt "fp8": FP4 + per-32 UE8M0 scales as `indexer.key_bytes`, or, with
+    indexer_keys="fp8", SGLang's FP8 + one fp32 scale)."""
     _check_fmt(fmt, indexer_keys)
-    dI = cfg.index_head_dim
-    if fmt == "bf16":
-        return 2 * dI
-    return dI // 2 + dI // 32 if indexer_keys == "fp4" else dI + 4
+    if fmt == "fp8" and indexer_keys == "fp8":
+        return cfg.index_head_dim + 4
+    return indexer.key_bytes(cfg, fmt)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, fmt: str = "fp8", indexer_keys: str = "fp4") -> float:
     """Decode-cache bytes added per token of context (window rings and streaming state excluded).
 
     Flash: 3514 ("fp8"), 3850 ("fp8", indexer_keys="fp8"), 6880 ("bf16"); Pro: 5031, 5511, 9848."""
+    _check_fmt(fmt, indexer_keys)
+    if indexer_keys == "fp4" or fmt == "bf16":
+        return attention.cache_bytes_per_token(cfg, fmt)
     entry, key = kv_entry_bytes(cfg, fmt), index_key_bytes(cfg, fmt, indexer_keys)
-    total = 0.0
-    for layer in range(cfg.n_layers):
-        m = cfg.ratio(layer)
-        if m:
-            total += entry / m
-        if m == 4:
-            total += key / m
-    return total
+    return sum(entry / cfg.ratio(i) + (key / 4 if cfg.ratio(i) == 4 else 0)
+               for i in range(cfg.n_layers) if cfg.ratio(i))
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_tokens: int, fmt: str = "fp8", indexer_keys: str = "fp4") -> dict[str, int]:
