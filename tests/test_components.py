@@ -308,3 +308,14 @@ def test_bf16_roundings_survive_jit(fn_name):
     with jax.disable_jit():
         eager = fn(*args)
     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(*args), np.float32), np.asarray(eager, np.float32))
+
+
+def test_indexer_topk_broadcasts_n_visible():
+    """n_visible of shape [S] (one count per query position, shared by the batch) broadcasts against [B, S, C]."""
+    from v4jax import indexer
+    s = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    n_vis = jnp.array([0, 1, 3, 7, 7])
+    got = indexer.topk(s, n_vis, 3)
+    want = indexer.topk(s, jnp.broadcast_to(n_vis, (2, 5)), 3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert (np.asarray(got[:, 0]) == -1).all() and (np.asarray(got[:, 1, 1:]) == -1).all()

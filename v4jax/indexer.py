@@ -85,6 +85,7 @@ def topk(index_scores: jax.Array, n_visible: jax.Array, k: int, first: jax.Array
     C = index_scores.shape[-1]
     j = jnp.arange(C)
     visible = (j < jnp.asarray(n_visible)[..., None]) & (j >= jnp.asarray(first)[..., None])
+    visible = jnp.broadcast_to(visible, index_scores.shape)
     s = jnp.where(visible, index_scores.astype(f32), -jnp.inf)
     _, idx = jax.lax.top_k(s, k)
     return jnp.where(jnp.take_along_axis(visible, idx, axis=-1), idx, -1).astype(jnp.int32)
