@@ -87,7 +87,7 @@ def test_packing_alignment_isolation_and_coverage():
     # pads carry no loss, and the training targets never cross a segment boundary
     from v4jax.train import _targets
     import jax.numpy as jnp
-    w = np.asarray(_targets(jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["loss_mask"]), 1))
+    w = np.asarray(_targets(jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["loss_mask"]), 1))[:, :-1]
     same = rows["segment_ids"][:, 1:] == rows["segment_ids"][:, :-1]
     assert np.all(w[~same] == 0)
     pad = rows["tokens"] == 999
