@@ -120,10 +120,10 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
     if doc_start is None:
         doc_start = jnp.zeros((B, S), jnp.int32)
     if active_axis_size("seq") > 1:
-        if max_len is not None:
-            raise ValueError("context-parallel prefill returns no decode cache yet: prefill for generation on a "
-                             "mesh without a 'seq' axis")
-        return prefill_context_parallel(cfg, p, layer, x, inv_freq, doc_start), None
+        out, parts = prefill_context_parallel(cfg, p, layer, x, inv_freq, doc_start, with_cache=max_len is not None)
+        if max_len is None:
+            return out, None
+        return out, _prefill_cache(cfg, layer, parts.pop("tail"), parts, S, max_len)
     cos, sin = rope_table(t[None, :] - doc_start, inv_freq)
     qr, q, kv = _qkv(cfg, p, x, cos, sin)
     idx = window_idx_prefill(S, W)[None]
@@ -153,17 +153,20 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
     out = _output(cfg, p, o, cos, sin)
     if max_len is None:
         return out, None
-    return out, _prefill_cache(cfg, layer, kv, cache, S, max_len)
+    return out, _prefill_cache(cfg, layer, kv[:, max(S - W, 0):], cache, S, max_len)
 
 
 # ---- context parallelism -------------------------------------------------------------------------------
-def prefill_context_parallel(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, doc_start):
-    """`prefill` (without cache) with the sequence split over the mesh axis `seq`, inside `jax.shard_map`.
+def prefill_context_parallel(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, doc_start,
+                             with_cache: bool = False):
+    """`prefill` with the sequence split over the mesh axis `seq`, inside `jax.shard_map` -> out [B, S, d], and
+    with_cache: the parts of a decode cache (else None).
 
     Shard j holds tokens [j L, (j+1) L) and computes their attention. From other shards it receives only: the
     previous shard's last W-1 raw KV rows (window; ppermute), the previous block's compressor rows (CSA overlap;
     ppermute) and every shard's compressed entries and indexer keys (all_gather of S/m rows). L must be a
-    multiple of 128 (no compression block straddles shards) and at least the window."""
+    multiple of 128 (no compression block straddles shards) and at least the window. The decode cache needs
+    nothing more: the last shard's W raw rows and compressor streaming state, and the gathered entries/keys."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape)
     n = sizes["seq"]
@@ -176,11 +179,37 @@ def prefill_context_parallel(cfg: ModelConfig, p: dict, layer: int, x: jax.Array
     spec = P(batch, "seq")
 
     def local(p, x, ds):
-        return _prefill_shard(cfg, p, layer, x, ds, inv_freq, jax.lax.axis_index("seq") * L, S, n)
+        out, parts = _prefill_shard(cfg, p, layer, x, ds, inv_freq, jax.lax.axis_index("seq") * L, S, n)
+        if not with_cache:
+            return out, None
+        per_shard = {k: jax.tree.map(lambda a: a[None], v) for k, v in parts.items() if k in PER_SHARD}
+        return out, {**per_shard, **{k: v for k, v in parts.items() if k not in PER_SHARD}}
 
+    def part_spec(k):            # per-shard parts stacked on a leading axis; gathered parts are the same everywhere
+        return P("seq", batch) if k in PER_SHARD else P(batch)
+    parts_abs = _cache_part_names(cfg, layer) if with_cache else None
+    out_specs = (spec, {k: jax.tree.map(lambda _: part_spec(k), v) for k, v in parts_abs.items()}
+                 if with_cache else None)
     p_spec = jax.tree.map(lambda _: P(), p)
-    return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, spec, spec), out_specs=spec,
-                         check_vma=False)(p, x, doc_start)   # Pallas kernels inside (see moe.py)
+    out, parts = jax.shard_map(local, mesh=mesh, in_specs=(p_spec, spec, spec), out_specs=out_specs,
+                               check_vma=False)(p, x, doc_start)   # Pallas kernels inside (see moe.py)
+    if with_cache:       # the last shard's tail rows and streaming state are the sequence's
+        parts = {k: jax.tree.map(lambda a: a[-1], v) if k in PER_SHARD else v for k, v in parts.items()}
+    return out, parts
+
+
+PER_SHARD = ("tail", "comp_state", "index_state")
+
+
+def _cache_part_names(cfg: ModelConfig, layer: int) -> dict:
+    """The cache parts a prefill layer hands to `_prefill_cache` (a pytree skeleton for shard_map out_specs)."""
+    m = cfg.ratio(layer)
+    parts = {"tail": 0}
+    if m:
+        parts.update(comp_entries=0, comp_state=(0, 0))
+    if m == 4:
+        parts.update(index_keys=0, index_state=(0, 0))
+    return parts
 
 
 def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S: int, n: int):
@@ -195,6 +224,7 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
     pool = jnp.concatenate([prev_tail, kv], axis=1)                                  # [b, W-1+L, K]
     g = window_idx_prefill(L, W, start=s0, width=W)[None]                         # global window tokens
     idx = jnp.where((g >= 0) & (g >= ds[..., None]), g - s0 + (W - 1), -1)
+    parts = {"tail": kv[:, L - W:]}                                                 # L >= W
     if m:
         n_visible, first, C = (t + 1) // m, (ds + m - 1) // m, S // m
 
@@ -203,13 +233,15 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
             if m == 4:
                 tail = compressor.project_tail(pc, x, m, s0)
                 prev = tuple(jax.lax.ppermute(a, "seq", to_next) for a in tail)
-            e, _ = compressor.prefill(cfg, pc, x, m, D, inv_freq, indexer=is_indexer, doc_start=ds, start=s0,
-                                      prev=prev)
-            return jax.lax.all_gather(e, "seq", axis=1, tiled=True)                 # [b, S//m, D]
+            e, state = compressor.prefill(cfg, pc, x, m, D, inv_freq, indexer=is_indexer, doc_start=ds,
+                                          start=s0, prev=prev)
+            return jax.lax.all_gather(e, "seq", axis=1, tiled=True), state          # [b, S//m, D]
 
-        entries = gathered(p["compressor"], hd, False)
+        entries, parts["comp_state"] = gathered(p["compressor"], hd, False)
+        parts["comp_entries"] = entries
         if m == 4:
-            keys = gathered(p["indexer"]["compressor"], cfg.index_head_dim, True)
+            keys, parts["index_state"] = gathered(p["indexer"]["compressor"], cfg.index_head_dim, True)
+            parts["index_keys"] = keys
             qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
             scores = indexer_kernels.index_scores(qI, w, keys)
             cidx = indexer.topk(scores, n_visible, min(cfg.index_topk, C), first)
@@ -218,7 +250,7 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
         pool = jnp.concatenate([pool, entries], axis=1)
         idx = jnp.concatenate([idx, _offset(cidx, W - 1 + L)], axis=-1)
     o = _attend(cfg, p, q, pool, idx)
-    return _output(cfg, p, o, cos, sin)
+    return _output(cfg, p, o, cos, sin), parts
 
 
 # ---- cache storage ------------------------------------------------------------------------------------
@@ -282,12 +314,14 @@ def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int) -> dict:
     return c
 
 
-def _prefill_cache(cfg: ModelConfig, layer: int, kv, parts: dict, S: int, max_len: int) -> dict:
-    B = kv.shape[0]
+def _prefill_cache(cfg: ModelConfig, layer: int, kv_tail, parts: dict, S: int, max_len: int) -> dict:
+    """The decode cache after a prefill of S tokens: kv_tail [B, min(S, W), K] = the last raw KV rows, parts =
+    compressed entries / indexer keys of the whole prompt and the compressors' streaming state."""
+    B = kv_tail.shape[0]
     W = cfg.sliding_window
     c = init_cache(cfg, layer, B, max_len)
     last = jnp.arange(max(S - W, 0), S)
-    c["window"] = c["window"].at[:, last % W].set(store_kv(cfg, kv[:, last]))
+    c["window"] = c["window"].at[:, last % W].set(store_kv(cfg, kv_tail))
     if "comp_entries" in parts:
         n = parts["comp_entries"].shape[1]
         if n:

@@ -79,4 +79,19 @@ with jax.set_mesh(mesh):
         b, caches = v4jax.decode_step(cfg, ps, caches, toks[:, i])
         errs.append(float(jnp.max(jnp.abs(a - b))))
 out["decode_max_err"] = max(errs)
+
+# decode after a context-parallel prefill (seq=4 x expert=2): the cache comes out of the seq shard_map
+toks = jax.random.randint(jax.random.key(4), (2, 522), 0, cfg.vocab_size)
+lp, cache = v4jax.prefill(cfg, params, toks[:, :512], max_len=540)
+mesh = sh.make_mesh("seq=4,expert=2")
+with jax.set_mesh(mesh):
+    ps = sh.place(cfg, params)
+    lps, caches = v4jax.prefill(cfg, ps, jax.device_put(toks[:, :512], NamedSharding(mesh, P(None, "seq"))),
+                                max_len=540)
+    errs = [float(jnp.max(jnp.abs(lps - lp)))]
+    for i in range(512, 522):
+        a, cache = v4jax.decode_step(cfg, params, cache, toks[:, i])
+        b, caches = v4jax.decode_step(cfg, ps, caches, toks[:, i])
+        errs.append(float(jnp.max(jnp.abs(a - b))))
+out["cp_decode_max_err"] = max(errs)
 json.dump(out, sys.stdout)
