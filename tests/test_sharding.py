@@ -41,9 +41,10 @@ def multidevice():
     return json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("spec", ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2"])
+@pytest.mark.parametrize("spec", ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2", "tensor=2,expert=4"])
 def test_sharded_forward_equals_unsharded(multidevice, spec):
-    """Expert parallelism, and context parallelism over seq, on packed documents (a boundary inside a shard)."""
+    """Expert parallelism, context parallelism over seq (packed documents, a boundary inside a shard), and the
+    tensor axis splitting the query heads (wq_b rows) and output groups (wo_a rows)."""
     res = multidevice[spec]
     assert res["err"] < 1e-4, res                       # fp32, no quantisation: only summation order differs
     assert res["expert_spec"].split("(", 1)[1].startswith("'expert'")   # P('expert', None, None)
@@ -51,8 +52,10 @@ def test_sharded_forward_equals_unsharded(multidevice, spec):
     assert not res["gathers_experts"]
     if "seq=" in spec:   # context parallel: only S/4 and S/128 rows (and MoE token groups) are gathered
         assert res["full_seq_float_gathers"] == []
-    else:                # expert=8 alone: the expert group is every token, gathered by the MoE dispatch itself
+    else:                # no seq axis: the expert group holds every token, gathered by the MoE dispatch itself
         assert res["full_seq_float_gathers"]
+    tensor = "tensor=" in spec
+    assert all(s.split("(", 1)[1].startswith("'tensor'") == tensor for s in res["head_specs"]), res["head_specs"]
 
 
 def test_sharded_gradients_equal_unsharded(multidevice):

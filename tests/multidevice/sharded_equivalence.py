@@ -22,7 +22,7 @@ S = 512
 toks = jax.random.randint(jax.random.key(1), (2, S), 0, cfg.vocab_size)
 seg = jnp.concatenate([jnp.ones((2, 300), jnp.int32), jnp.full((2, S - 300), 2, jnp.int32)], 1)
 ref = v4jax.forward(cfg, params, toks, seg)
-for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2"]:
+for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2", "tensor=2,expert=4"]:
     mesh = sh.make_mesh(spec)
     with jax.set_mesh(mesh):
         ps = sh.place(cfg, params)
@@ -32,7 +32,9 @@ for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2"]:
     gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
     shapes = [re.search(r"= \(?(\w+)\[([\d,]*)\]", g) for g in gathers]
     w1 = ps["layers"]["3"]["ffn"]["experts"]["w1"]["weight"]
+    attn = ps["layers"]["0"]["attn"]
     out[spec] = {"err": float(jnp.max(jnp.abs(got - ref))), "expert_spec": str(w1.sharding.spec),
+                 "head_specs": [str(attn[k]["weight"].sharding.spec) for k in ("wq_b", "wo_a")],
                  "local_experts": int(w1.addressable_shards[0].data.shape[0]),
                  # experts never move: no collective produces a full [E, F, D] expert stack
                  "gathers_experts": any(f"[{cfg.n_routed_experts},{cfg.moe_intermediate_size},{cfg.dim}]" in g
