@@ -17,10 +17,10 @@ Sizes (`--size`): "1b" is a V4-shaped model of ~1.2 B parameters (~0.3 B active)
 indexer, HCA), 2 hash layers, mHC with 4 streams, MTP, 32 experts top-4, head_dim 512 (448 + 64 RoPE), vocab 32K;
 "tiny" is the tiny preset (a CPU smoke check of this script).
 
-Status (2026-11-22): runs end to end on CPU (`--size tiny`). One H100 attempt (`--size 1b --seq-len 4096
---batch 2`, JAX 0.11.2) did not get past initialisation + the first (Muon) step compile within 280 s, so no GPU
-numbers exist yet. Next attempt: give it a whole 10-minute call, or cut compile time first (fewer/shorter
-sequences, `XLA_FLAGS=--xla_gpu_autotune_level=0`); the phase lines printed below show where the time goes.
+Status (2026-11-22, session 2): runs end to end on CPU (`--size tiny`, also `--meshes "1;expert=2;seq=2"
+--cpu-devices 2`). Not yet run on a GPU since the compile fixes of session 2 (Sinkhorn as fori_loop, Triton GEMM
+autotuning off: one block's gradient now compiles in ~7 s on an H100 instead of minutes), so no GPU numbers yet.
+Scaling table for issue 5 on 2 x H200: `python -m v4jax.bench train --size 1b --meshes "1;expert=2;seq=2"`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import params as P
+from . import sharding as sh
 from . import train as T
 from .config import ModelConfig
 from .optim import MUON, newton_schulz, param_groups
@@ -90,7 +91,47 @@ def _time(fn, n: int) -> float:
 
 
 def bench_train(args) -> dict:
-    """Run the benchmark described in the module docstring; prints a table, returns (and optionally writes) JSON."""
+    """Run the benchmark described in the module docstring; prints a table, returns (and optionally writes) JSON.
+    With --meshes: the same step on each mesh in turn (the scaling table of issue 5)."""
+    if getattr(args, "cpu_devices", None):
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if getattr(args, "meshes", None):
+        return bench_scaling(args)
+    return _bench_train(args)
+
+
+def bench_scaling(args) -> dict:
+    """Step time of one optimizer on each mesh of --meshes ("1" = one device, no mesh), and the speed-up over the
+    first entry. Tokens per step stay the same on every mesh (batch and sequence are split, not grown)."""
+    name = args.optimizers.split(",")[0]
+    rows = []
+    for m in args.meshes.split(";"):
+        a = argparse.Namespace(**{**vars(args), "meshes": None, "optimizers": name, "mesh": None if m in ("1", "none")
+                                  else m, "json": None})
+        try:
+            r = _bench_train(a)["results"].get(name, {})
+        except Exception as e:  # noqa: BLE001
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append((m, r))
+    base = rows[0][1].get("step_ms")
+    print(f"\n| mesh | devices | step ms | tokens/s | MFU (per device) | speed-up vs {rows[0][0]} |")
+    print("|---|---|---|---|---|---|")
+    out = {"optimizer": name, "rows": []}
+    for m, r in rows:
+        n = 1 if m in ("1", "none") else int(np.prod(list(sh.parse_mesh_spec(m, len(jax.devices())).values())))
+        if "step_ms" in r:
+            print(f"| {m} | {n} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['mfu'] / n:.1%} | "
+                  f"{base / r['step_ms']:.2f}x |" if base else "")
+        else:
+            print(f"| {m} | {n} | {r.get('error', '-')} | | | |")
+        out["rows"].append({"mesh": m, "devices": n, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def _bench_train(args) -> dict:
     cfg = model_for(args.size, **({"quant_sim": False} if getattr(args, "no_quant_sim", False) else {}))
     S, B, N = args.seq_len, args.batch, args.grad_accum
     micro = B // N
@@ -108,15 +149,29 @@ def bench_train(args) -> dict:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
 
+    mesh = sh.make_mesh(args.mesh) if getattr(args, "mesh", None) else None
+    out["mesh"] = getattr(args, "mesh", None)
     t0 = time.perf_counter()
-    flat = P.flatten(jax.jit(lambda k: P.init_params(cfg, k, dtype="bf16"))(jax.random.key(0)))
+    if mesh is None:
+        flat = P.flatten(jax.jit(lambda k: P.init_params(cfg, k, dtype="bf16"))(jax.random.key(0)))
+    else:
+        flat = P.flatten(P.init_params_sharded(cfg, jax.random.key(0), sh.param_shardings(cfg, mesh, "bf16"),
+                                               "bf16"))
     jax.block_until_ready(flat)
     out["init_s"] = time.perf_counter() - t0
     print(f"init {out['init_s']:.1f}s", flush=True)
     batch = _batch(cfg, N, micro, S)
+    if mesh is not None:    # rows over data, the sequence over seq (the model constrains its activations)
+        spec = jax.sharding.PartitionSpec(None, "data" if micro % dict(mesh.shape)["data"] == 0 else None,
+                                          "seq" if S % dict(mesh.shape)["seq"] == 0 else None)
+        batch = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for k, v in batch.items()}
     for name in args.optimizers.split(","):
         try:
-            _one(cfg, flat, batch, name, args, out, peak)
+            if mesh is None:
+                _one(cfg, flat, batch, name, args, out, peak)
+            else:
+                with jax.set_mesh(mesh):
+                    _one(cfg, flat, batch, name, args, out, peak)
         except Exception as e:  # noqa: BLE001 - keep the other measurements (OOM, compile failure)
             out["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -136,7 +191,9 @@ def _one(cfg, flat, batch, name, args, out, peak):
     spec = _spec(cfg, name, N)
     tx, sched = T.build_optimizer(spec, {n: flat[n].astype(jnp.float32) for n in spec.trainable})
     state = jax.jit(lambda f: _state(spec, f, tx))(flat)
-    step = jax.jit(T.make_train_step(spec, tx, sched), donate_argnums=0)
+    # the state keeps its shardings from step to step (else XLA may pick other output layouts on a mesh)
+    step = jax.jit(T.make_train_step(spec, tx, sched), donate_argnums=0,
+                   out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     print(f"{name}: compiling the step ...", flush=True)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -189,6 +246,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--no-quant-sim", action="store_true", help="switch the reference's quantisation simulations off")
     p.add_argument("--json", default=None)
+    p.add_argument("--mesh", default=None, help="run the step on this mesh (e.g. expert=2 or seq=2)")
+    p.add_argument("--meshes", default=None,
+                   help='scaling table: ";"-separated meshes, "1" = one device, e.g. "1;expert=2;seq=2"')
+    p.add_argument("--cpu-devices", type=int, default=None, help="(CPU check of the script) host device count")
     p.set_defaults(func=bench_train)
     return p
 
