@@ -52,12 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--interpret", action="store_true", help="CPU test of this script: kernels in interpret mode")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
+    log, lines = bench.line_logger()
     dev = jax.devices()[0]
     on_gpu = jax.default_backend() in ("gpu", "cuda")
     log(f"device: {dev.device_kind} ({jax.default_backend()}, {getattr(dev, 'core_count', '?')} SMs), "

@@ -85,6 +85,16 @@ def _try_time(fn, arg_sets, **kw):
         return None, ("OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
 
+def line_logger():
+    """(log, lines): log(s) prints s at once and keeps it in lines (for a JSON dump or a closing table)."""
+    lines: list[str] = []
+
+    def log(s=""):
+        print(s, flush=True)
+        lines.append(s)
+    return log, lines
+
+
 # ---- roofline -----------------------------------------------------------------------------------------
 def measure_copy_bw(nbytes=2 << 30) -> float:
     """Bytes/s of a device copy (bytes read + bytes written), through an elementwise op."""
@@ -633,12 +643,7 @@ def bench_kernels(args) -> int:
     from pallas_kernels.sparse_attention.reference import sparse_attention as ref
 
     t_start = time.perf_counter()
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
+    log, lines = line_logger()
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if not args.skip_check:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from v4jax.bench import _fmt, _is_oom, _try_time, measure_copy_bw, measure_matmul_peak
+from v4jax.bench import _fmt, _is_oom, _try_time, line_logger, measure_copy_bw, measure_matmul_peak
 
 E, D, F, TOPK = 256, 4096, 2048, 6           # Flash: routed experts, hidden, expert intermediate, experts per token
 
@@ -92,12 +92,7 @@ def bench_moe(args) -> int:
     from pallas_kernels.grouped_matmul.reference import grouped_matmul as ref_gmm
 
     t_start = time.perf_counter()
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
+    log, lines = line_logger()
     dev = jax.devices()[0]
     on_gpu = jax.default_backend() in ("gpu", "cuda")
     interpret = not on_gpu

@@ -69,31 +69,28 @@ for k, v in g_ref.items():
 out["grad_max_rel"] = max(rel.values())
 out["grad_worst"] = max(rel, key=rel.get)
 
-# decode with a sharded cache under data=2 x expert=4 (B=4: tokens split; B=1 would replicate)
-toks = jax.random.randint(jax.random.key(1), (4, 136), 0, cfg.vocab_size)
-lp, cache = v4jax.prefill(cfg, params, toks[:, :100], max_len=136)
-with jax.set_mesh(mesh):
-    ps = sh.place(cfg, params)
-    lps, caches = v4jax.prefill(cfg, ps, jax.device_put(toks[:, :100], NamedSharding(mesh, P("data"))), max_len=136)
-    errs = [float(jnp.max(jnp.abs(lps - lp)))]
-    for i in range(100, 110):
-        a, cache = v4jax.decode_step(cfg, params, cache, toks[:, i])
-        b, caches = v4jax.decode_step(cfg, ps, caches, toks[:, i])
-        errs.append(float(jnp.max(jnp.abs(a - b))))
-out["decode_max_err"] = max(errs)
 
+def decode_max_err(mesh, toks, prompt, n_steps, spec):
+    """Max |sharded - unsharded| over the prefill logits and n_steps decode steps."""
+    max_len = toks.shape[1] + 18
+    lp, cache = v4jax.prefill(cfg, params, toks[:, :prompt], max_len=max_len)
+    with jax.set_mesh(mesh):
+        ps = sh.place(cfg, params)
+        lps, caches = v4jax.prefill(cfg, ps, jax.device_put(toks[:, :prompt], NamedSharding(mesh, spec)),
+                                    max_len=max_len)
+        errs = [float(jnp.max(jnp.abs(lps - lp)))]
+        for i in range(prompt, prompt + n_steps):
+            a, cache = v4jax.decode_step(cfg, params, cache, toks[:, i])
+            b, caches = v4jax.decode_step(cfg, ps, caches, toks[:, i])
+            errs.append(float(jnp.max(jnp.abs(a - b))))
+    return max(errs)
+
+
+# decode with a sharded cache under data=2 x expert=4 (B=4: tokens split; B=1 would replicate)
+out["decode_max_err"] = decode_max_err(mesh, jax.random.randint(jax.random.key(1), (4, 118), 0, cfg.vocab_size),
+                                       100, 10, P("data"))
 # decode after a context-parallel prefill (seq=4 x expert=2): the cache comes out of the seq shard_map
-toks = jax.random.randint(jax.random.key(4), (2, 522), 0, cfg.vocab_size)
-lp, cache = v4jax.prefill(cfg, params, toks[:, :512], max_len=540)
-mesh = sh.make_mesh("seq=4,expert=2")
-with jax.set_mesh(mesh):
-    ps = sh.place(cfg, params)
-    lps, caches = v4jax.prefill(cfg, ps, jax.device_put(toks[:, :512], NamedSharding(mesh, P(None, "seq"))),
-                                max_len=540)
-    errs = [float(jnp.max(jnp.abs(lps - lp)))]
-    for i in range(512, 522):
-        a, cache = v4jax.decode_step(cfg, params, cache, toks[:, i])
-        b, caches = v4jax.decode_step(cfg, ps, caches, toks[:, i])
-        errs.append(float(jnp.max(jnp.abs(a - b))))
-out["cp_decode_max_err"] = max(errs)
+out["cp_decode_max_err"] = decode_max_err(sh.make_mesh("seq=4,expert=2"),
+                                          jax.random.randint(jax.random.key(4), (2, 522), 0, cfg.vocab_size),
+                                          512, 10, P(None, "seq"))
 json.dump(out, sys.stdout)
