@@ -313,6 +313,7 @@ def test_pad_token_mask_from_packed_rows(tmp_path):
         for (_, ro, _, _, n) in plan[rs[r]:rs[r + 1]]:
             want[r, ro:ro + n] = True
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(rows["token_mask"].astype(bool), want)      # what data.py marks itself
     assert (~got).any() and got.any()
     # tokens whose loss is masked (the chat prompt, BOS) are real tokens
     assert (got & (rows["loss_mask"] == 0)).any()

@@ -14,6 +14,7 @@ Row format (what `PackedDataset.next_rows(n)` returns; numpy int32 [n, S]):
   segment_ids  contiguous runs of equal ids, one run per document piece and one per run of padding, numbered
                1, 2, ... from the row start. This is `forward_train`'s `segment_ids`: every token sees only its
                own run, positions restart at the run start.
+  token_mask   1 on document tokens, 0 on padding (what the router statistics count; prompts and BOS are 1)
   loss_mask    1 where the token at this position is a training target (it is predicted from the position
                before it, which the training step also requires to be in the same segment); 0 on padding, on
                prompt/system/user tokens of chat documents and on BOS.
@@ -352,7 +353,8 @@ class PackedDataset:
             label[ro:ro + n] = k
         start = np.concatenate([[True], label[1:] != label[:-1]])
         seg = np.cumsum(start).astype(np.int32)
-        return {"tokens": tok, "segment_ids": seg, "loss_mask": mask.astype(np.int32)}
+        return {"tokens": tok, "segment_ids": seg, "loss_mask": mask.astype(np.int32),
+                "token_mask": (label > 0).astype(np.int32)}
 
     def next_rows(self, n: int) -> dict[str, np.ndarray]:
         """The next n rows ([n, S] arrays), advancing the position (into the next epoch when one ends)."""

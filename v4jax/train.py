@@ -11,8 +11,9 @@ The step (one jit-compiled function, `make_train_step`):
   Then: global-norm clipping (optimizer.clip) and Muon/AdamW (v4jax.optim) on the trainable leaves; then the
   auxiliary-loss-free router-bias rule on every score-routed `ffn.gate.bias` (frozen for the optimizer):
   bias_i += bias_update_speed * sign(mean_j load_j - load_i), with the step's token counts per expert.
-  Router statistics (load, balance loss) count real tokens only: the batch's optional `token_mask` (the Trainer
-  derives it from the packed rows, see `pad_token_mask`) excludes padding; tokens without loss (prompts, BOS) count.
+  Router statistics (load, balance loss) count real tokens only: the batch's optional `token_mask` (v4jax.data
+  marks padding in its rows; `pad_token_mask` rebuilds it for rows without one) excludes padding; tokens without
+  loss (prompts, BOS) count.
 
 Cross-entropy at real sizes (`loss_chunk`, tokens per chunk, 0 = off): the head matmul, log-sum-exp and target pick
 run over sequence chunks of ~loss_chunk tokens inside jax.checkpoint (v4jax.losses.xent_sum), so the [B, S, V] fp32
@@ -904,8 +905,7 @@ class Trainer:
         if self.eval_corpus is not None:
             ev = D.PackedDataset(self.eval_corpus, c["seq_len"], c["seed"], pad_id=pad, shuffle=False)
             micro = c["batch"] // c["grad_accum"]
-            rows = ev.epoch_rows(0, limit=d["eval_batches"] * micro)
-            rows["token_mask"] = pad_token_mask(rows, pad)
+            rows = ev.epoch_rows(0, limit=d["eval_batches"] * micro)       # token_mask: data marks padding
             n = (len(rows["tokens"]) // micro) * micro
             self.eval_rows = {k: v[:n].reshape(-1, micro, c["seq_len"]) for k, v in rows.items()} if n else None
 
@@ -992,8 +992,7 @@ class Trainer:
     # -- running
     def next_batch(self) -> dict:
         c = self.c
-        rows = self.dataset.next_rows(c["batch"])
-        rows["token_mask"] = pad_token_mask(rows, self.dataset.pad_id)
+        rows = self.dataset.next_rows(c["batch"])                          # token_mask: data marks padding
         micro = c["batch"] // c["grad_accum"]
         return {k: v.reshape(c["grad_accum"], micro, c["seq_len"]) for k, v in rows.items()}
 
