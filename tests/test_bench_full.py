@@ -9,7 +9,7 @@ import sys
 def test_bench_full_runs_on_cpu(tmp_path):
     out = tmp_path / "full.json"
     cmd = [sys.executable, "-m", "v4jax.bench", "full", "--model", "tiny", "--layers", "3", "--cpu-devices", "2",
-           "--mesh", "expert=2", "--prefill", "2x256", "--decode", "1x256", "--steps", "3", "--threads", "2",
+           "--mesh", "expert=2", "--rules", "q_heads=expert,o_groups=expert", "--prefill", "2x256", "--decode", "1x256", "--steps", "3", "--threads", "2",
            "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -71,3 +71,16 @@ def test_decode_after_context_parallel_prefill(multidevice):
     """prefill on seq=4 x expert=2 (each shard 128 tokens) builds the decode cache inside the shard_map; its
     logits and the next 10 decode steps equal the unsharded ones (fp32, quant sims off)."""
     assert multidevice["cp_decode_max_err"] < 1e-4
+
+
+def test_rules_with_overrides():
+    assert sh.rules_with(None) == sh.RULES
+    r = sh.rules_with("q_heads=expert, o_groups=expert,heads=none")
+    assert r["q_heads"] == "expert" and r["o_groups"] == "expert" and r["heads"] is None
+    assert r["expert"] == sh.RULES["expert"]
+    with pytest.raises(sh.MeshError, match="unknown logical axes"):
+        sh.rules_with("qheads=expert")
+    with pytest.raises(sh.MeshError, match="unknown mesh axes"):
+        sh.rules_with("q_heads=experts")
+    with pytest.raises(sh.MeshError, match="logical=mesh_axis"):
+        sh.rules_with("q_heads")

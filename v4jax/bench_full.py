@@ -63,6 +63,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=128, help="decode steps per case")
     p.add_argument("--prefill-tokens", type=int, default=65536, help="at most this many tokens per prefill call")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a quicker, partial run)")
+    p.add_argument("--rules", default=None,
+                   help="override sharding.RULES, e.g. q_heads=expert,o_groups=expert,heads=expert (attention "
+                        "heads split over the expert devices: Pro on 8 GPUs holds 110 GiB/GPU instead of 124)")
     p.add_argument("--budget", type=float, default=540.0, help="seconds; cases that would start later are skipped")
     p.add_argument("--threads", type=int, default=8, help="parallel compilations")
     p.add_argument("--cpu-devices", type=int, default=None, help="CPU dry run with this many host devices")
@@ -191,7 +194,7 @@ def run(args) -> int:
     log(f"{args.model}: {cfg.n_layers} layers + {cfg.n_mtp} MTP, {cfg.n_routed_experts} experts (top-"
         f"{cfg.num_experts_per_tok}), hidden {cfg.dim}; devices {n_dev} x {jax.devices()[0].device_kind}; mesh "
         f"{ {k: v for k, v in sizes.items() if v > 1} }; jax {jax.__version__}")
-    res: dict = {"model": args.model, "layers": cfg.n_layers, "devices": n_dev,
+    res: dict = {"model": args.model, "layers": cfg.n_layers, "devices": n_dev, "rules": args.rules,
                  "device_kind": jax.devices()[0].device_kind, "mesh": sizes, "prefill": [], "decode": []}
     bw = measure_copy_bw(1 << 30) if jax.default_backend() != "cpu" else float("nan")
     res["copy_GBps_per_device"] = bw / 1e9
@@ -200,7 +203,9 @@ def run(args) -> int:
     wb = weight_bytes(cfg)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        params = P.init_params_sharded(cfg, jax.random.key(args.seed), SH.param_shardings(cfg, mesh, "native"))
+        rules = SH.rules_with(args.rules)
+        params = P.init_params_sharded(cfg, jax.random.key(args.seed), SH.param_shardings(cfg, mesh, "native",
+                                                                                          rules))
         jax.block_until_ready(params)
         held = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
         mem = device_memory()

@@ -41,6 +41,26 @@ class MeshError(ValueError):
     """A mesh request that does not fit the devices or names an unknown axis."""
 
 
+def rules_with(overrides: str | dict[str, str | None] | None) -> dict:
+    """RULES with some logical axes mapped elsewhere: "q_heads=expert,o_groups=expert" or a dict; "none" (or None)
+    replicates. Unknown logical axes are an error naming them."""
+    if not overrides:
+        return dict(RULES)
+    if isinstance(overrides, str):
+        pairs = [item.split("=", 1) for item in overrides.split(",") if item.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise MeshError(f"sharding rules {overrides!r}: expected logical=mesh_axis items separated by commas")
+        overrides = {k.strip(): (None if v.strip().lower() == "none" else v.strip()) for k, v in pairs}
+    unknown = sorted(set(overrides) - set(RULES))
+    if unknown:
+        raise MeshError(f"sharding rules: unknown logical axes {unknown}; known: {sorted(RULES)}")
+    bad = sorted(a for v in overrides.values() if v is not None
+                 for a in ((v,) if isinstance(v, str) else tuple(v)) if a not in AXES)
+    if bad:
+        raise MeshError(f"sharding rules: unknown mesh axes {bad}; mesh axes are {list(AXES)}")
+    return {**RULES, **overrides}
+
+
 def parse_mesh_spec(spec: str | dict[str, int] | None, n_devices: int | None = None) -> dict[str, int]:
     """"data=2,expert=4" or {"expert": 4} -> sizes of all four axes (missing = 1, one -1 = the rest)."""
     n = n_devices if n_devices is not None else jax.device_count()
