@@ -1,6 +1,6 @@
 """Quantisers of the DeepSeek-V4 reference, simulated in pure jax.numpy.
 
-Spec: /work/shared/spec/v4-architecture.md sections 4.3 (FP8 weights, 128x128 E8M0
+Spec: v4-architecture.md (the project spec) sections 4.3 (FP8 weights, 128x128 E8M0
 tiles), 4.4 (packed FP4 / MXFP4 expert weights and their lossless FP8 repack) and 6
 ("Quantisers": FP8/FP4 activation quantisation and the Hadamard transform).
 
