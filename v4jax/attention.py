@@ -105,6 +105,16 @@ def _attend(cfg: ModelConfig, p: dict, q, pool, idx):
     return sparse_attention(q, pool, idx, p["attn_sink"].astype(f32), cfg.head_dim ** -0.5)
 
 
+def _compressed_idx(cfg: ModelConfig, p: dict, m: int, x, qr, cos, sin, keys, n_visible, C: int, first):
+    """Each query's list of compressed entries (0..C-1, -1 padded): CSA (m = 4) the indexer's top-k of the
+    visible entries (scored by the kernel dispatch), HCA every visible entry."""
+    if m == 4:
+        qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
+        scores = indexer_kernels.index_scores(qI, w, keys)
+        return indexer.topk(scores, n_visible, min(cfg.index_topk, C), first)
+    return all_entries_idx(n_visible, C, first)
+
+
 # ---- prefill ------------------------------------------------------------------------------------------
 def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_len: int | None = None,
             doc_start: jax.Array | None = None):
@@ -141,12 +151,7 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
                                               inv_freq, indexer=True, doc_start=doc_start)
             cache.update(index_keys=keys, index_state=istate)
         if n:
-            if m == 4:
-                qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-                scores = indexer_kernels.index_scores(qI, w, keys)
-                cidx = indexer.topk(scores, n_visible, min(cfg.index_topk, n), first)
-            else:
-                cidx = all_entries_idx(n_visible, n, first)
+            cidx = _compressed_idx(cfg, p, m, x, qr, cos, sin, keys if m == 4 else None, n_visible, n, first)
             pool = jnp.concatenate([kv, entries], axis=1)
             idx = jnp.concatenate([idx, _offset(cidx, S)], axis=-1)
     o = _attend(cfg, p, q, pool, idx)
@@ -239,14 +244,11 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
 
         entries, parts["comp_state"] = gathered(p["compressor"], hd, False)
         parts["comp_entries"] = entries
+        keys = None
         if m == 4:
             keys, parts["index_state"] = gathered(p["indexer"]["compressor"], cfg.index_head_dim, True)
             parts["index_keys"] = keys
-            qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-            scores = indexer_kernels.index_scores(qI, w, keys)
-            cidx = indexer.topk(scores, n_visible, min(cfg.index_topk, C), first)
-        else:
-            cidx = all_entries_idx(n_visible, C, first)
+        cidx = _compressed_idx(cfg, p, m, x, qr, cos, sin, keys, n_visible, C, first)
         pool = jnp.concatenate([pool, entries], axis=1)
         idx = jnp.concatenate([idx, _offset(cidx, W - 1 + L)], axis=-1)
     o = _attend(cfg, p, q, pool, idx)
