@@ -25,7 +25,7 @@ from . import attention, losses
 from .config import ModelConfig
 from .hyper import hc_head, hc_post, hc_pre
 from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
-from .moe import moe, route
+from .moe import moe
 from .quant import round_to
 from .sharding import constrain
 
@@ -44,25 +44,24 @@ def _hc(cfg: ModelConfig, p: dict, sub: str, X):
                   hc_eps=cfg.hc_eps, iters=cfg.hc_sinkhorn_iters)
 
 
-def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens, with_stats: bool = False):
+def _ffn(cfg: ModelConfig, p: dict, layer: int, X, tokens, with_routing: bool = False):
     y, post, comb = _hc(cfg, p, "ffn", X)
-    out = moe(cfg, p["ffn"], layer, rms_norm(y, p["ffn_norm"]["weight"], cfg.rms_norm_eps), tokens, with_stats)
-    if with_stats:
-        return hc_post(X, out[0], post, comb), out[1]
+    out = moe(cfg, p["ffn"], layer, rms_norm(y, p["ffn_norm"]["weight"], cfg.rms_norm_eps), tokens, with_routing)
+    if with_routing:
+        return hc_post(X, out[0], post, comb), out[1:]
     return hc_post(X, out, post, comb)
 
 
-def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_start=None,
-           with_stats: bool = False):
-    """X [B,S,n,D] -> (X', layer cache or None [, router stats]). Prefill semantics (positions 0..S-1, or per
-    document)."""
+def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_start=None, aux: bool = False):
+    """X [B,S,n,D] -> (X', layer cache or None [, aux]). Prefill semantics (positions 0..S-1, or per document).
+    aux: also {"attn_in": the attention's normed input [B,S,D], "ids", "scores": the MoE routing} (training)."""
     y, post, comb = _hc(cfg, p, "attn", X)
-    a, cache = attention.prefill(cfg, p["attn"], layer, rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps),
-                                 rope_inv_freq(cfg, layer), max_len, doc_start)
+    xa = rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps)
+    a, cache = attention.prefill(cfg, p["attn"], layer, xa, rope_inv_freq(cfg, layer), max_len, doc_start)
     X = hc_post(X, a, post, comb)
-    if with_stats:
-        X, stats = _ffn(cfg, p, layer, X, tokens, True)
-        return X, cache, stats
+    if aux:
+        X, (ids, scores) = _ffn(cfg, p, layer, X, tokens, True)
+        return X, cache, {"attn_in": xa, "ids": ids, "scores": scores}
     return _ffn(cfg, p, layer, X, tokens), cache
 
 
@@ -181,19 +180,10 @@ def forward_train(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids
     ds = None if segment_ids is None else attention.doc_starts(segment_ids)
 
     def run(layer, p, X, toks, msk):
-        # _block's computation, also exposing the MoE input (masked router statistics) and the attention input
-        eps = cfg.rms_norm_eps
-        y, post, comb = _hc(cfg, p, "attn", X)
-        xa = rms_norm(y, p["attn_norm"]["weight"], eps)
-        a, _ = attention.prefill(cfg, p["attn"], layer, xa, rope_inv_freq(cfg, layer), None, ds)
-        X = hc_post(X, a, post, comb)
-        y, post, comb = _hc(cfg, p, "ffn", X)
-        xf = rms_norm(y, p["ffn_norm"]["weight"], eps)
-        X = hc_post(X, moe(cfg, p["ffn"], layer, xf, toks), post, comb)
-        ids, _, scores = route(cfg, p["ffn"]["gate"], layer, xf, toks)       # moe's own routing (merged by XLA)
-        stats = losses.router_stats(cfg, ids, scores, msk)
+        X, _, aux = _block(cfg, p, layer, X, toks, None, ds, aux=True)
+        stats = losses.router_stats(cfg, aux["ids"], aux["scores"], msk)
         if indexer_kl and cfg.ratio(layer) == 4:
-            stats["kl"] = losses.indexer_kl(cfg, p["attn"], layer, xa, ds, msk, kl_chunk)
+            stats["kl"] = losses.indexer_kl(cfg, p["attn"], layer, aux["attn_in"], ds, msk, kl_chunk)
         return X, stats
 
     def block(layer):

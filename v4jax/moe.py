@@ -146,8 +146,9 @@ def router_stats(cfg: ModelConfig, ids: jax.Array, a: jax.Array, B: int) -> dict
     return {"load": onehot.sum((0, 1)), "balance": balance}
 
 
-def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, with_stats: bool = False):
-    """x [B, S, d] (normed), tokens [B, S] -> [B, S, d] (and router statistics if asked)."""
+def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, with_routing: bool = False):
+    """x [B, S, d] (normed), tokens [B, S] -> [B, S, d] (and, with_routing, the routing (ids [B,S,k], router
+    scores [B,S,E]) that training statistics are computed from)."""
     B, S, d = x.shape
     ids, w, a = route(cfg, p["gate"], layer, x, tokens)                                     # [B, S, k|E]
     if active_axis_size("expert") > 1:
@@ -159,6 +160,4 @@ def moe(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, tokens: jax.Array, 
     if "shared_experts" in p:  # the shared expert stays local
         y = y + shared_expert(cfg, p["shared_experts"], x).astype(f32)
     y = quant.round_to(y, act_dtype(cfg))
-    if not with_stats:
-        return y
-    return y, router_stats(cfg, ids.reshape(B * S, -1), a.reshape(B * S, -1), B)
+    return (y, ids, a) if with_routing else y
