@@ -1,4 +1,5 @@
-"""Grouped matmul (pallas_kernels.grouped_matmul): the Pallas GPU kernel in interpret mode == the ragged_dot reference.
+"""Grouped matmul (pallas_kernels.grouped_matmul): the Pallas GPU kernels in interpret mode == the ragged_dot reference
+(forward, dx) and a float64 computation (the weight gradient, dw).
 
 CPU only: the Triton kernel runs with interpret=True on tiny shapes and small tiles (16 rows x 16/32 columns),
 and is lowered for cuda to catch Pallas->Triton lowering errors without the hardware.
@@ -76,6 +77,20 @@ def test_gpu_kernel_quantised_weights(fmt, w_lhs):
     _check(out, _ref(x, node, gs), sizes, N)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp4"])
+def test_gpu_kernel_decode_launch(fmt):
+    """Decode: a few rows spread over many experts (N < 16 E) takes DECODE_DEFAULTS (16-row tiles, the weight as
+    the dot's left operand, 128-wide K steps), the launch the model's decode runs."""
+    N, K, O = 7, 256, 256
+    sizes = [0] * 20
+    for e in (1, 5, 5, 9, 19, 19, 19):
+        sizes[e] += 1
+    assert N < gpu.DECODE_ROWS_PER_GROUP * len(sizes)
+    x, node, gs = _inputs(N, K, O, sizes, seed=11, fmt=fmt)
+    out = gpu.grouped_matmul(x, node["weight"], gs, node.get("scale"), interpret=True)
+    _check(out, _ref(x, node, gs), sizes, N)
+
+
 def test_gpu_kernel_transposed_weight_and_bf16_output():
     N, K, O, sizes = 40, 48, 32, [7, 0, 25]                              # w used as [E, in=48, out=32]
     x, node, gs = _inputs(N, O, K, sizes, seed=4)
@@ -142,6 +157,70 @@ def test_dispatch_gradients_equal_reference():
                                rtol=1e-6, atol=1e-6)
 
 
+def _dw64(x, dy, sizes):
+    """float64 dw[e] = dy_e^T x_e of the (bf16) inputs."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    ends = np.cumsum(sizes)
+    return np.stack([dy[e - n:e].T @ x[e - n:e] for n, e in zip(sizes, ends)])
+
+
+def _check_bf16_ulp(out, ref):
+    """bf16 `out` within one bf16 ulp of the float64 `ref` (plus a hair for the fp32 accumulation)."""
+    out = np.asarray(out, np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 1e-30))) - 7)
+    assert (np.abs(out - ref) <= ulp + 1e-6 * np.abs(ref).max()).all()
+
+
+# N, in, out, group sizes, dw tiles (block_o, block_i, block_r): empty groups (first, middle, last), groups larger
+# than block_r, rows past the groups, in/out not multiples of the tiles, E = 1 (all rows / some rows)
+DW_CASES = [(70, 48, 40, [10, 0, 25, 3, 20], (16, 32, 8)), (60, 32, 32, [0, 41, 0], (32, 16, 16)),
+            (33, 40, 24, [33], (16, 16, 8)), (50, 16, 48, [21], (32, 16, 16)), (24, 32, 16, [1] * 9 + [0] * 7, (16, 32, 8))]
+
+
+@pytest.mark.parametrize("case", DW_CASES)
+def test_gpu_dw_kernel_matches_float64(case):
+    N, I, O, sizes, (bo, bi, br) = case
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((N, I), np.float32)
+    dy = rng.standard_normal((N, O), np.float32)
+    tail = int(np.sum(sizes))
+    x[tail:] = np.nan                                                     # rows past the groups: garbage that
+    dy[tail:, ::2], dy[tail:, 1::2] = np.inf, 1e30                        # must not leak into any dw[e]
+    x, dy = jnp.asarray(x).astype(jnp.bfloat16), jnp.asarray(dy).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    kw = dict(block_o=bo, block_i=bi, block_r=br, interpret=True)
+    ref = _dw64(x, dy, sizes)
+    out = gpu.grouped_matmul_dw(x, dy, gs, **kw)
+    assert out.shape == (len(sizes), O, I) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert not np.asarray(out)[np.asarray(sizes) == 0].any()              # empty groups: exactly 0
+    ob = gpu.grouped_matmul_dw(x, dy, gs, out_dtype=jnp.bfloat16, **kw)
+    assert ob.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ob), np.asarray(quant.round_to(out, jnp.bfloat16)))   # RNE
+    _check_bf16_ulp(ob, ref)
+
+
+def test_dispatch_weight_gradient_kernel():
+    """grad w.r.t. x and a bf16 w through the custom_vjp (dw: the Pallas dw kernel at its default tiles, a group
+    longer than block_r) == the reference backend's, and dw == float64 dy_e^T x_e of the bf16-rounded dy."""
+    rng = np.random.default_rng(10)
+    N, K, O, sizes = 160, 32, 48, [0, 97, 0, 30, 1]                        # 32 rows past the groups
+    x, node, gs = _inputs(N, K, O, sizes, seed=11)
+    ct = rng.standard_normal((N, O), np.float32)
+    ct[sum(sizes):] = 1e6                                                 # cotangent of the constant-0 rows
+    ct = jnp.asarray(ct)
+
+    def grads(backend):
+        loss = lambda x, w: jnp.sum(gm.grouped_matmul(x, {"weight": w}, gs, backend=backend) * ct)
+        return [np.asarray(g, np.float32) for g in jax.jit(jax.grad(loss, argnums=(0, 1)))(x, node["weight"])]
+
+    (dx, dw), (dx_ref, dw_ref) = grads("gpu"), grads("reference")
+    _check_bf16_ulp(dw, _dw64(x, ct.astype(jnp.bfloat16), sizes))
+    for a, b in ((dx, dx_ref), (dw, dw_ref)):                            # the kernels round dy to bf16
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 4e-3
+    assert not dw[[0, 2]].any() and not dx[sum(sizes):].any()
+
+
 def test_capacity_einsum_matches_reference():
     N, K, O, sizes = 50, 32, 24, [10, 0, 30, 4]
     x, node, gs = _inputs(N, K, O, sizes, seed=9)
@@ -162,8 +241,14 @@ def test_gpu_kernel_lowers_for_cuda():
               jax.ShapeDtypeStruct((E, O // 128, K // 128), jnp.float8_e8m0fnu), False),
              (jax.ShapeDtypeStruct((E, O, K // 2), jnp.int8),
               jax.ShapeDtypeStruct((E, O, K // 32), jnp.float8_e8m0fnu), False)]
-    for w, s, tr in nodes:
+    for (w, s, tr), n in [(nd, N) for nd in nodes] + [(nd, 6) for nd in nodes if not nd[2]]:  # + decode launch
+        x = jax.ShapeDtypeStruct((n, K), jnp.bfloat16)
         f = jax.jit(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, transpose_w=tr, out_dtype=jnp.bfloat16))
         exp = export.export(f, platforms=["cuda"],
                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
         assert "triton" in exp(x, w, gs, s).mlir_module()
+    x = jax.ShapeDtypeStruct((N, K), jnp.bfloat16)
+    f = jax.jit(lambda x, dy, g: gpu.grouped_matmul_dw(x, dy, g, out_dtype=jnp.bfloat16))
+    exp = export.export(f, platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    assert "triton" in exp(x, jax.ShapeDtypeStruct((N, O), jnp.bfloat16), gs).mlir_module()

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
 from .sharding import active_axis_size
-from .layers import act_dtype, apply_rope, linear_fp8, rms_norm, rope_table, weight
+from .layers import act_dtype, apply_rope, linear_bf16, linear_fp8, rms_norm, rope_table, uses_skinny, weight
 from . import quant
 from .quant import round_to
 
@@ -95,9 +95,15 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     g = cfg.o_groups
     o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
     dt = act_dtype(cfg)
-    wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
-    o = round_to(jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
-                            precision="highest"), dt)
+    if uses_skinny(o, p["wo_a"]) and cfg.o_lora_rank % 128 == 0:   # decode on GPU: one skinny call per group
+        r, w, s = cfg.o_lora_rank, p["wo_a"]["weight"], p["wo_a"].get("scale")
+        node = lambda i: ({"weight": w[i * r:(i + 1) * r]}
+                          | ({"scale": s[i * r // 128:(i + 1) * r // 128]} if s is not None else {}))
+        o = jnp.stack([linear_bf16(cfg, node(i), o[:, :, i]) for i in range(g)], axis=2)
+    else:
+        wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
+        o = round_to(jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
+                                precision="highest"), dt)
     return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
 
 

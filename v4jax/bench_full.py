@@ -71,7 +71,30 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=None, help="CPU dry run with this many host devices")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None,
+                   help="directory: trace 4 more decode steps of every decode case with the JAX profiler and print "
+                        "the kernels that take the time (v4jax.profiling)")
     return p
+
+
+PROFILE_STEPS = 4
+
+
+def _profile_decode(root, name, exe, params, cache, tok, log):
+    """Trace PROFILE_STEPS decode steps (the cache has room: max_len leaves 8 spare positions) and log the table."""
+    import jax
+    from . import profiling
+    d = os.path.join(root, name)
+    try:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            out = exe(params, cache, tok, PROFILE_STEPS)
+            jax.block_until_ready(out)
+            wall = time.perf_counter() - t0
+        for line in profiling.summarize(d, steps=PROFILE_STEPS, top=25, wall_s=wall):
+            log(line)
+    except Exception as e:  # noqa: BLE001 - profiling is a diagnostic; the measurement stands without it
+        log(f"profile {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def make_config(name: str, layers: int | None):
@@ -323,6 +346,8 @@ def run(args) -> int:
                 cache, tok = c[0](params, cache, tok, steps)
                 jax.block_until_ready(tok)
                 dt = (time.perf_counter() - t0) / steps
+                if args.profile:
+                    _profile_decode(args.profile, f"decode_{B}x{_fmt_tok(ctx)}", c[0], params, cache, tok, log)
                 del cache
                 err = None
             except Exception as e:  # noqa: BLE001

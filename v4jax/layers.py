@@ -6,6 +6,11 @@ Linears come in the reference's three precisions (spec section 6):
                 activation dtype. bf16 weights run the same graph without the weight format.
   `linear_bf16` a plain bf16 matmul (indexer `weights_proj`, the grouped `wo_a`).
   `linear_f32`  fp32 inputs and weights (router, compressor, head).
+
+At decode sizes (at most `pallas_kernels.linear.MAX_ROWS` rows) on an NVIDIA GPU, all three run the skinny Pallas
+kernel `pallas_kernels.linear`: it reads each FP8/bf16 weight byte once and decodes it in registers, where XLA
+would write a dequantised copy of the weight first and then call cuBLAS (5 bytes moved per FP8 parameter instead of
+1). Same numerics (fp32 accumulation of exact products; fp32 inputs split exactly into three bf16 parts).
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import linear as skinny
 
 from . import quant
 from .config import ModelConfig
@@ -41,21 +48,35 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=f32, precision="highest")
 
 
+def uses_skinny(x: jax.Array, node: dict) -> bool:
+    """Whether x @ node runs the skinny decode kernel: an NVIDIA GPU (not V4JAX_KERNELS=reference), at most
+    MAX_ROWS rows, a bf16 or FP8 weight."""
+    rows = math.prod(x.shape[:-1])
+    return skinny.default_backend() == "gpu" and skinny.uses_kernel(rows, node["weight"], node.get("scale"))
+
+
+def _linear(x: jax.Array, node: dict, dt) -> jax.Array:
+    """x @ W^T in fp32 (x already in its compute dtype dt: bf16, or fp32 for the fp32 linears)."""
+    if uses_skinny(x, node):
+        return skinny.linear(x, node, out_dtype=f32)
+    return _matmul(x, weight(node, dt))
+
+
 def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
     x = x.astype(dt)
     if cfg.quant_sim:
         x = quant.fp8_sim(x, 128)
-    return quant.round_to(_matmul(x, weight(node, dt)), dt)
+    return quant.round_to(_linear(x, node, dt), dt)
 
 
 def linear_bf16(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
-    return quant.round_to(_matmul(x.astype(dt), weight(node, dt)), dt)
+    return quant.round_to(_linear(x.astype(dt), node, dt), dt)
 
 
 def linear_f32(node: dict, x: jax.Array) -> jax.Array:
-    return _matmul(x.astype(f32), weight(node, f32))
+    return _linear(x.astype(f32), node, f32)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

@@ -60,11 +60,16 @@ def _fwd(x, w, scale, group_sizes, out_dtype):
 def _bwd(out_dtype, res, g):
     x, w, scale, group_sizes = res
     if scale is None:
-        # dx[r] = dy[r] @ w[g(r)]: the kernel with the weight read as [E, in, out] (dy rounded to x's dtype)
-        dx = _kernel(g.astype(x.dtype), w, None, group_sizes, x.dtype, transpose_w=True)
-        # dw[e] = dy_e^T x_e: the reference's VJP (ragged_dot transpose) -- not yet a Pallas kernel
-        _, vjp = jax.vjp(lambda w_: _reference(x, w_, group_sizes), w)
-        (dw,) = vjp(g.astype(jnp.float32))
+        # dx[r] = dy[r] @ w[g(r)]: the kernel with the weight read as [E, in, out] (dy rounded to x's dtype, bf16)
+        dy = g.astype(x.dtype)
+        dx = _kernel(dy, w, None, group_sizes, x.dtype, transpose_w=True)
+        if w.dtype == jnp.bfloat16:           # dw[e] = dy_e^T x_e: the dw kernel, on the same bf16 dy
+            from . import gpu
+            dw = gpu.grouped_matmul_dw(x, dy, group_sizes, out_dtype=w.dtype,
+                                       interpret=jax.default_backend() == "cpu")
+        else:                                 # fp32 weights: the reference's VJP (ragged_dot transpose), fp32 dy
+            _, vjp = jax.vjp(lambda w_: _reference(x, w_, group_sizes), w)
+            (dw,) = vjp(g.astype(jnp.float32))
         return dx, dw.astype(w.dtype), None, None
     # quantised weights are frozen: only dx, through the reference on the dequantised weight
     _, vjp = jax.vjp(lambda x_: _ref_node(x_, w, scale, group_sizes, jnp.float32), x)
@@ -90,8 +95,10 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     The "gpu" backend asked for on CPU runs in Pallas interpret mode.
 
     Differentiable (jax.custom_vjp) w.r.t. x and a bf16/fp32 weight: dx by the same kernel with the weight read
-    transposed, dw by the reference's VJP (ragged_dot's transpose; a Pallas dw kernel is future work).
-    Quantised weights get no gradient (None); their dx goes through the reference's VJP.
+    transposed; dw of a bf16 weight by the Pallas weight-gradient kernel (`gpu.grouped_matmul_dw`, fp32
+    accumulation, rounded to bf16), of an fp32 weight by the reference's VJP (ragged_dot's transpose). The kernel
+    path rounds dy to bf16 before both the dx and the weight-gradient products (the reference backend keeps it
+    fp32). Quantised weights get no gradient (None); their dx goes through the reference's VJP.
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:

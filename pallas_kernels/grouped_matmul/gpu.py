@@ -25,6 +25,14 @@ Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
     E8M0 code 0 (2^-127) decodes to 0 and 255 (NaN) to inf here. block_k must be a multiple of 32.
   * transpose_w=True (bf16 only): w is used as [E, in, out] (out[r] = x[r] @ w[g]), the VJP's dx.
 
+Weight gradient (`grouped_matmul_dw`, the VJP's dw): dw[e] = sum over the rows r of group e of dy[r]^T x[r]. The
+grid is (out tiles, in tiles, experts), the out-tile axis fastest, so the programs in flight work on one expert and
+share its x and dy rows through L2. One program computes a [block_o, block_i] tile of dw[e] with a loop over its
+group's rows, block_r at a time (dynamic trip count: ceil(size_e / block_r), an scf.for), loading the dy rows
+[block_r, block_o] and x rows [block_r, block_i] with rows outside the group masked to 0 (rows past sum(group_sizes)
+never contribute), and accumulating dot(dy_tile^T, x_tile) in fp32. An empty group stores zeros. The group
+starts/ends ([2, E] int32, from group_sizes with jnp ops) are read per program like the forward's tile map.
+
 Numerics: fp32 accumulation of bf16 x bf16 products, result cast to out_dtype (fp32 default; bf16 with RNE, the
 same rounding as `quant.round_to`). Pointer offsets: 32-bit unless an operand exceeds 4 GiB (then 64-bit).
 
@@ -46,10 +54,21 @@ from jax.experimental.pallas import triton as pltriton
 
 f32 = jnp.float32
 
+# weight-gradient launch defaults (block_o, block_i, block_r, num_warps, num_stages): a sensible first guess,
+# NOT yet tuned on a GPU
+DW_DEFAULTS = (128, 128, 64, 8, 3)
+
 # launch defaults per weight format: the fastest of the sweeps in docs/benchmarks.md (H100, Flash expert shapes,
 # 16K tokens): (block_m, block_n, block_k, num_warps, num_stages, w_lhs)
 DEFAULTS = {"bf16": (128, 256, 64, 8, 4, False), "fp8": (256, 128, 64, 8, 3, True),
             "fp4": (128, 128, 64, 4, 4, False)}
+
+
+# decode: few rows per expert (the batch's tokens spread over many experts, most groups of 1-2 rows). Row tiles of
+# 16 (the dot's minimum) so the wasted rows do not multiply the math; the weight tile is the dot's left operand.
+DECODE_DEFAULTS = {"bf16": (16, 128, 64, 4, 4, True), "fp8": (16, 128, 128, 4, 3, True),
+                   "fp4": (16, 128, 128, 4, 3, True)}
+DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
 
 
 def num_tiles(N: int, E: int, block_m: int) -> int:
@@ -176,10 +195,12 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     transpose_w (bf16 only): w is [E, in, out] and out[r] = x[r] @ w[g]. block_k is lowered to a divisor of `in`.
     w_lhs: compute each tile as (w_tile . x_tile^T)^T, the decoded weight as the dot's left operand (wgmma can
     take its A operand from registers, B only from shared memory); ignored with transpose_w.
-    Launch parameters left None take the format's DEFAULTS.
+    Launch parameters left None take the format's DEFAULTS, or DECODE_DEFAULTS when there are fewer than
+    DECODE_ROWS_PER_GROUP rows per group on average (decode).
     """
     fmt = weight_format(w, scale)
-    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), DEFAULTS[fmt]))
+    table = DECODE_DEFAULTS if x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w else DEFAULTS
+    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
     w_lhs = d["w_lhs"] if w_lhs is None else w_lhs
@@ -227,3 +248,56 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         interpret=interpret,
         name=f"grouped_matmul_{fmt}",
     )(*args)
+
+
+def _dw_kernel(se_ref, x_ref, dy_ref, o_ref, *, N, I, O, bo, bi, br):
+    jo, ji, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)     # out tile, in tile, expert
+    start, end = se_ref[0, e], se_ref[1, e]
+    iota = lambda n: jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    ocols, icols = jo * bo + iota(bo), ji * bi + iota(bi)
+    oc = (ocols if O % bo == 0 else jnp.minimum(ocols, O - 1))[None, :]      # [1, bo], clamped into dy
+    ic = (icols if I % bi == 0 else jnp.minimum(icols, I - 1))[None, :]      # [1, bi], clamped into x
+
+    def body(k, acc):
+        rows = start + k * br + iota(br)
+        r = jnp.minimum(rows, N - 1)[:, None]                                # [br, 1]
+        inside = (rows < end)[:, None]                                       # other groups / past the groups: 0
+        dyt = pltriton.load(dy_ref.at[r, oc], mask=jnp.broadcast_to(inside, (br, bo)), other=0.0)
+        xt = pltriton.load(x_ref.at[r, ic], mask=jnp.broadcast_to(inside, (br, bi)), other=0.0)
+        return acc + jax.lax.dot_general(dyt, xt, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+
+    acc = jax.lax.fori_loop(0, (end - start + br - 1) // br, body, jnp.zeros((bo, bi), f32))
+    mask = (ocols < O)[:, None] & (icols < I)[None, :]
+    pltriton.store(o_ref.at[e, ocols[:, None], icols[None, :]], acc.astype(o_ref.dtype), mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_o", "block_i", "block_r", "num_warps",
+                                             "num_stages", "interpret"))
+def grouped_matmul_dw(x, dy, group_sizes, *, out_dtype=f32, block_o: int | None = None, block_i: int | None = None,
+                      block_r: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                      interpret: bool = False):
+    """The weight gradient of `grouped_matmul`: x [N, in], dy [N, out] (bf16, rows sorted by group; rows past
+    sum(group_sizes) ignored), group_sizes [E] int32 -> dw [E, out, in] in out_dtype, dw[e] = dy_e^T x_e (fp32
+    accumulation of bf16 products; bf16 output RNE-rounded). Empty groups give zeros. Launch parameters left None
+    take DW_DEFAULTS (untuned)."""
+    d = DW_DEFAULTS
+    bo, bi, br = block_o or d[0], block_i or d[1], block_r or d[2]
+    num_warps, num_stages = num_warps or d[3], num_stages or d[4]
+    (N, I), (Ny, O), E = x.shape, dy.shape, group_sizes.shape[0]
+    if Ny != N or group_sizes.ndim != 1:
+        raise ValueError(f"grouped_matmul_dw(gpu): x {x.shape}, dy {dy.shape}, group_sizes {group_sizes.shape}")
+    if N == 0 or E == 0 or O == 0 or I == 0:
+        return jnp.zeros((E, O, I), out_dtype)
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), N)
+    se = jnp.stack([jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends]).astype(jnp.int32)  # [2, E]
+    kernel = functools.partial(_dw_kernel, N=N, I=I, O=O, bo=bo, bi=bi, br=br)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(O, bo), pl.cdiv(I, bi), E),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=pl.no_block_spec,
+        out_shape=jax.ShapeDtypeStruct((E, O, I), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="grouped_matmul_dw",
+    )(se, x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))

@@ -1,0 +1,88 @@
+"""Where device time goes: a JAX profiler trace summarised as a table of kernels (no TensorBoard needed).
+
+    with jax.profiler.trace(d): run(...)
+    print("\n".join(profiling.summarize(d, steps=n)))
+
+Reads the newest `*.xplane.pb` under the directory with `jax.profiler.ProfileData`; for each device plane it sums
+the events of the kernel lines (the "XLA Ops" line when the trace has one, else every stream line) by name and
+reports total time, count, time per step and the share of busy time, plus the busy time per step against the
+wall time of the traced region (the gap is launch / host overhead).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+
+def _profile_data(trace_dir: str):
+    from jax.profiler import ProfileData
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    return ProfileData.from_file(files[-1])
+
+
+def _stat(event, key):
+    for k, v in event.stats:
+        if k == key:
+            return v
+    return None
+
+
+def kernel_table(trace_dir: str) -> dict:
+    """{plane name: {"lines": {line: (events, total ns)}, "kernels": Counter name -> ns, "counts": Counter,
+    "ops": Counter of the events' 'tf_op' / 'hlo_op' stat -> ns, "span_ns": first start .. last end}}."""
+    pd = _profile_data(trace_dir)
+    out = {}
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = {ln.name: ln for ln in plane.lines}
+        info = {"lines": {}, "kernels": collections.Counter(), "counts": collections.Counter(),
+                "ops": collections.Counter(), "span_ns": 0.0}
+        for name, ln in lines.items():
+            evs = list(ln.events)
+            info["lines"][name] = (len(evs), sum(e.duration_ns for e in evs))
+        use = [n for n in lines if "XLA Ops" in n] or [n for n in lines if n.lower().startswith("stream")]
+        t0, t1 = None, None
+        for n in use:
+            for e in lines[n].events:
+                info["kernels"][e.name] += e.duration_ns
+                info["counts"][e.name] += 1
+                op = _stat(e, "tf_op") or _stat(e, "hlo_op")
+                if op is not None:
+                    info["ops"][str(op)] += e.duration_ns
+                s = e.start_ns
+                t0 = s if t0 is None else min(t0, s)
+                t1 = s + e.duration_ns if t1 is None else max(t1, s + e.duration_ns)
+        info["span_ns"] = (t1 - t0) if t0 is not None else 0.0
+        info["used_lines"] = use
+        out[plane.name] = info
+    return out
+
+
+def summarize(trace_dir: str, steps: int = 1, top: int = 30, wall_s: float | None = None) -> list[str]:
+    """Lines of text: per device plane, the `top` kernels by total time (per step), and busy vs wall time."""
+    rows = []
+    for plane, info in kernel_table(trace_dir).items():
+        busy = sum(info["kernels"].values())
+        n = sum(info["counts"].values())
+        rows.append(f"{plane}: lines " + ", ".join(f"{k} ({c} ev, {t / 1e6:.2f} ms)"
+                                                   for k, (c, t) in info["lines"].items()))
+        head = (f"  busy {busy / 1e6 / steps:.3f} ms/step in {n / steps:.0f} kernels/step (lines "
+                f"{info['used_lines']}); span {info['span_ns'] / 1e6 / steps:.3f} ms/step")
+        if wall_s:
+            head += f"; wall {wall_s * 1e3 / steps:.3f} ms/step"
+        rows.append(head)
+        rows.append("  | kernel | ms/step | calls/step | % busy |")
+        rows.append("  |---|---|---|---|")
+        for name, t in info["kernels"].most_common(top):
+            rows.append(f"  | {name[:90]} | {t / 1e6 / steps:.3f} | {info['counts'][name] / steps:.1f} | "
+                        f"{100 * t / max(busy, 1):.1f} |")
+        if info["ops"]:
+            rows.append("  | op (tf_op / hlo_op stat) | ms/step | % busy |")
+            rows.append("  |---|---|---|")
+            for name, t in info["ops"].most_common(top):
+                rows.append(f"  | {name[-110:]} | {t / 1e6 / steps:.3f} | {100 * t / max(busy, 1):.1f} |")
+    return rows
