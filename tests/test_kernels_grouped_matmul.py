@@ -4,6 +4,8 @@
 CPU only: the Triton kernel runs with interpret=True on tiny shapes and small tiles (16 rows x 16/32 columns),
 and is lowered for cuda to catch Pallas->Triton lowering errors without the hardware.
 """
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,82 @@ def test_gpu_kernel_decode_launch(fmt):
     x, node, gs = _inputs(N, K, O, sizes, seed=11, fmt=fmt)
     out = gpu.grouped_matmul(x, node["weight"], gs, node.get("scale"), interpret=True)
     _check(out, _ref(x, node, gs), sizes, N)
+
+
+# FP4 decode variants (opt-in launch options): (fp4_decode, fp4_parity, w_lhs both ways in both cases); True =
+# "split". The extra variants (integer-only scale, the other two ways to read x's even/odd columns) run w_lhs
+# True in the decode case and False in the many-rows case (test time).
+FP4_VARIANTS = [("e4m3", False, True), ("e4m3", True, True), ("bits", False, True), ("bits", True, True),
+                ("bits_exp", False, False), ("bits_exp", True, False), ("e4m3", "strided", False),
+                ("bits", "permuted", False)]
+
+
+@pytest.mark.parametrize("decode,parity,both", FP4_VARIANTS)
+def test_gpu_kernel_fp4_decode_variants(decode, parity, both):
+    """FP4 decode variants == the reference: at decode (a few rows over many experts: the DECODE_DEFAULTS launch,
+    16-row tiles, 128-wide K steps) and with many rows per group (DEFAULTS["fp4"]: 128-row tiles, 64-wide K)."""
+    few = [0] * 20
+    for e in (1, 5, 5, 9, 19, 19, 19):
+        few[e] += 1
+    for N, K, O, sizes in ((7, 256, 256, few), (300, 256, 192, [120, 0, 150])):    # 30 rows past the groups
+        x, node, gs = _inputs(N, K, O, sizes, seed=N + 1, fmt="fp4")
+        ref = _ref(x, node, gs)
+        for w_lhs in (True, False) if both else (N < 16 * len(sizes),):
+            out = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], w_lhs=w_lhs, fp4_decode=decode,
+                                     fp4_parity=parity, interpret=True)
+            _check(out, ref, sizes, N)
+
+
+def test_fp4_decode_tile_bits_equal_e4m3():
+    """The tile decode alone: every byte (all 16 x 16 nibble pairs) x every E8M0 code. "bits" == "e4m3" bit for bit
+    everywhere (0, 255 and the 64 * scale overflow of 249-254 included); "bits_exp" == "e4m3" for codes 2..248 and
+    == the exact value value * 2^(code-127) for 2..252 (the documented range)."""
+    b = jnp.tile(jnp.arange(-128, 128, dtype=jnp.int32)[None], (256, 1))          # row c: all 256 bytes
+    codes = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32)[:, None], (256, 16))  # row c: scale code c
+    tile = jax.jit(gpu.fp4_decode_tile, static_argnums=2)
+    dec = {d: [np.asarray(t).view(np.uint16) for t in tile(b, codes, d)] for d in gpu.FP4_DECODES}
+    nib = np.arange(-128, 128) & 255
+    exact = [np.asarray(quant.fp4_unpack(jnp.asarray(nib.astype(np.int8))))[h::2] for h in (0, 1)]  # lo, hi values
+    for h in (0, 1):
+        np.testing.assert_array_equal(dec["bits"][h], dec["e4m3"][h])
+        np.testing.assert_array_equal(dec["bits_exp"][h][2:249], dec["e4m3"][h][2:249])
+        c = np.arange(2, 253)
+        want = (exact[h][None, :] * np.exp2(c - 127.0)[:, None]).astype(np.float32)
+        np.testing.assert_array_equal(dec["bits_exp"][h][2:253],
+                                      np.asarray(jnp.asarray(want).astype(jnp.bfloat16)).view(np.uint16))
+    lo = np.asarray(dec["e4m3"][0]).view(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(lo[127, :16], [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    assert np.signbit(lo[127, 8]) and not lo[0].any() and np.isinf(lo[255, 1])
+
+
+def test_gpu_kernel_fp4_decodes_bit_identical():
+    """Through the kernel: a weight holding every byte value (every nibble, low and high) with scale codes from tiny
+    to huge, x = the identity, so out = w^T exactly: the decodes (with parity variants) give the same bits,
+    == dequantise."""
+    K, O = 64, 256
+    byte = (np.arange(O * K // 2).reshape(1, O, K // 2) % 256 - 128).astype(np.int8)
+    cl = np.array([2, 3, 60, 100, 120, 126, 127, 128, 134, 200, 247, 248], np.uint8)
+    codes = cl[np.arange(O * K // 32).reshape(1, O, K // 32) % len(cl)]
+    w = jnp.asarray(byte)
+    s = jax.lax.bitcast_convert_type(jnp.asarray(codes), jnp.float8_e8m0fnu)
+    x = jnp.eye(K, dtype=jnp.bfloat16)
+    gs = jnp.asarray([K], jnp.int32)
+    want = np.asarray(gm.dequantize(w, s, jnp.float32))[0].T                   # [K, O]
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e37 and 0 < np.abs(want[want != 0]).min() < 1e-37
+    first = None
+    for decode, parity, w_lhs in (("e4m3", False, False), ("bits", True, True), ("bits_exp", "permuted", False)):
+        out = np.asarray(gpu.grouped_matmul(x, w, gs, s, fp4_decode=decode, fp4_parity=parity, w_lhs=w_lhs,
+                                            block_m=16, block_n=64, block_k=32, interpret=True))
+        np.testing.assert_array_equal(out, want)                              # (-0 weights sum to +0 here)
+        first = out if first is None else first
+        np.testing.assert_array_equal(out.view(np.uint32), first.view(np.uint32))
+
+
+def test_gpu_kernel_fp4_option_values():
+    x, node, gs = _inputs(8, 64, 32, [3, 5], fmt="fp4")
+    for bad in (dict(fp4_decode="e2m1"), dict(fp4_parity="odd"), dict(fp4_parity=2)):
+        with pytest.raises(ValueError, match="fp4_"):
+            gpu.grouped_matmul(x, node["weight"], gs, node["scale"], interpret=True, **bad)
 
 
 def test_gpu_kernel_transposed_weight_and_bf16_output():
@@ -231,7 +309,8 @@ def test_capacity_einsum_matches_reference():
 
 
 def test_gpu_kernel_lowers_for_cuda():
-    """Pallas -> Triton IR lowering for every weight format at a Flash-like shape (no GPU needed)."""
+    """Pallas -> Triton IR lowering for every weight format at a Flash-like shape (no GPU needed), and for every
+    FP4 decode variant (the ops they use exist in Pallas Triton: tt.split, int/bf16 bitcasts, trunci)."""
     E, O, K, N = 8, 256, 512, 1000
     gs = jax.ShapeDtypeStruct((E,), jnp.int32)
     x = jax.ShapeDtypeStruct((N, K), jnp.bfloat16)
@@ -244,6 +323,21 @@ def test_gpu_kernel_lowers_for_cuda():
     for (w, s, tr), n in [(nd, N) for nd in nodes] + [(nd, 6) for nd in nodes if not nd[2]]:  # + decode launch
         x = jax.ShapeDtypeStruct((n, K), jnp.bfloat16)
         f = jax.jit(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, transpose_w=tr, out_dtype=jnp.bfloat16))
+        exp = export.export(f, platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+        assert "triton" in exp(x, w, gs, s).mlir_module()
+    # the FP4 decode variants, every combination, at both launches (DEFAULTS and DECODE_DEFAULTS), w_lhs both ways;
+    # and the parity variants with small tiles (block_k 32: the parity dots have K = 16)
+    w, s, _ = nodes[3]
+    small = dict(block_m=16, block_n=32, block_k=32)
+    combos = list(itertools.product([(N, {}), (6, {})], gpu.FP4_DECODES, (False, True, "strided", "permuted"),
+                                    (True, False)))
+    combos += [((N, small), "bits", parity, w_lhs) for parity in (True, "strided", "permuted")
+               for w_lhs in (True, False)]
+    for (n, launch), decode, parity, w_lhs in combos:
+        x = jax.ShapeDtypeStruct((n, K), jnp.bfloat16)
+        f = jax.jit(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, w_lhs=w_lhs,
+                                                          fp4_decode=decode, fp4_parity=parity, **launch))
         exp = export.export(f, platforms=["cuda"],
                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
         assert "triton" in exp(x, w, gs, s).mlir_module()

@@ -205,6 +205,17 @@ def _one(cfg, flat, batch, name, args, out, peak):
         return m["loss"]
     loss0 = float(run())
     dt = _time(run, args.steps)
+    if getattr(args, "profile", None):
+        from . import profiling
+        d = f"{args.profile}/train_{name}"
+        try:
+            with jax.profiler.trace(d):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run())
+                wall = time.perf_counter() - t0
+            print("\n".join(profiling.summarize(d, steps=1, top=30, wall_s=wall)), flush=True)
+        except Exception as e:  # noqa: BLE001 - a diagnostic; the measurement stands without it
+            print(f"profile: {type(e).__name__}: {str(e)[:200]}", flush=True)
     # the optimizer update alone, on gradient-shaped inputs
     master = box["s"]["master"]
     upd = jax.jit(lambda g, o, p: tx.update(g, o, p))
@@ -250,6 +261,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--meshes", default=None,
                    help='scaling table: ";"-separated meshes, "1" = one device, e.g. "1;expert=2;seq=2"')
     p.add_argument("--cpu-devices", type=int, default=None, help="(CPU check of the script) host device count")
+    p.add_argument("--profile", default=None, help="directory: trace one more step per optimizer and print the "
+                                                   "kernels that take the time (v4jax.profiling)")
     p.set_defaults(func=bench_train)
     return p
 

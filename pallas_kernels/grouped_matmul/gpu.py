@@ -23,6 +23,23 @@ Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
     (sign<<7 | (e1 e0 m)<<2 -- exact, e2m1 subnormal 0.5 becomes an e4m3 subnormal), upcast, times 64 * scale,
     rounded to bf16 (exact), the low/high halves interleaved (tt.join) into the [block_n, block_k] tile.
     E8M0 code 0 (2^-127) decodes to 0 and 255 (NaN) to inf here. block_k must be a multiple of 32.
+    Opt-in decode variants (launch options, for benchmarking the ALU-bound decode; the defaults are the path above):
+      - fp4_decode="bits": the fp32 bit pattern of value/64 is built with integer ops (v = e1 e0 m, s = sign:
+        v >= 2 -> (v << 22) + bits(2^-7), i.e. exponent e + 120 and mantissa top bit m; v == 1 -> bits(2^-7);
+        v == 0 -> 0; OR s << 31), no fp8 conversion; then the same fp32 multiply by 64 * scale and bf16 rounding
+        as "e4m3", so the tile is bit-identical for every nibble and every E8M0 code (incl. 0, 249-254 where
+        64 * scale overflows to inf, and 255). It is the bf16 pattern ((v << 6) + 0x3F00 for the value itself)
+        shifted into fp32, which skips the bf16 -> fp32 widening before the multiply.
+      - fp4_decode="bits_exp": no float op at all: the scale is applied by adding (code - 127) to the bf16
+        exponent field ((v << 6) + 0x3F00 + ((code - 127) << 7); v == 1: 0x3F00 + ...; v == 0: 0). Bit-identical
+        for E8M0 codes 2..248 (exact, where "e4m3" overflows, for 249..252); code 1 flushes 0.5 * 2^-126 to 0,
+        codes 0 and 253-255 (never in a quantised checkpoint) are not handled (no 0 / inf: garbage bits).
+      - fp4_parity=True ("split"): no interleave; the low nibbles form a [block_n, block_k/2] tile of the even-k
+        weights, the high nibbles one of the odd-k weights, and two dots take the even and odd columns of x: the
+        [block_m, block_k] x tile split by reshape [block_m, block_k/2, 2] + unstack (tt.split). "strided": x's
+        even/odd columns loaded with stride-2 column indices instead. "permuted": x's columns permuted once
+        outside the kernel (per block_k chunk: the even columns, then the odd ones) so both halves are contiguous
+        loads. Same products, fp32 accumulation in another order (two dots of block_k/2 per K step).
   * transpose_w=True (bf16 only): w is used as [E, in, out] (out[r] = x[r] @ w[g]), the VJP's dx.
 
 Weight gradient (`grouped_matmul_dw`, the VJP's dw): dw[e] = sum over the rows r of group e of dy[r]^T x[r]. The
@@ -109,7 +126,58 @@ def _f8_of_nibble(nib):
     return jax.lax.bitcast_convert_type(b.astype(jnp.int8), jnp.float8_e4m3fn)
 
 
-def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs):
+FP4_DECODES = ("e4m3", "bits", "bits_exp")
+FP4_PARITIES = (False, True, "split", "strided", "permuted")
+_F32_BITS_2M7 = 0x3C000000       # fp32 bits of 2^-7 = e2m1 0.5 / 64
+_F32_SIGN = -(1 << 31)           # int32 0x80000000
+
+
+def _f32_of_nibble_bits(b, high):
+    """Packed FP4 bytes b (int32, the int8 sign-extended) -> fp32 value / 64 of the low (high=False) or high
+    nibble's e2m1 value, its bit pattern built with integer ops (exact, equal to `_f8_of_nibble`'s upcast bit for
+    bit, signed zero included)."""
+    if high:
+        v, sign = (b >> 4) & 7, b & _F32_SIGN            # sign-extended byte: bit 31 = bit 7 = the high sign
+    else:
+        v, sign = b & 7, (b << 28) & _F32_SIGN
+    # v >= 2: 2^(e-1) (1 + m/2) / 64 has exponent field e + 120 and mantissa top bit m: (v << 22) + bits(2^-7);
+    # v in {0, 1}: 0 or 0.5 / 64 = 2^-7, i.e. v * bits(2^-7) (the product wraps for v > 1: not selected)
+    mag = jnp.where(v > 1, (v << 22) + _F32_BITS_2M7, v * _F32_BITS_2M7)
+    return jax.lax.bitcast_convert_type(mag | sign, f32)
+
+
+def fp4_decode_tile(b, codes, decode="e4m3"):
+    """The FP4 weight tile decode, on its own: packed bytes b (int32 [n, k/2], the int8 sign-extended) and E8M0
+    codes (int32 [n, k/32], one per 32 weights = 16 bytes) -> (lo, hi), bf16 [n, k/2] each: the weights at even k
+    (low nibbles) and odd k (high nibbles), value * 2^(code - 127). "e4m3" and "bits" (bit-identical): code 0 -> 0,
+    255 -> inf; 249-254 overflow 64 * scale to inf: NaN for a zero nibble, +-inf otherwise. "bits_exp": the same
+    bits for codes 2..248 (every nibble; a zero nibble is +-0 at any code), the exact value for 249..252; code 1
+    flushes the subnormal 0.5 * 2^-126 to 0, and codes 0 and 253-255 give meaningless bits (not 0/inf) -- codes
+    a checkpoint's weight scales never have (quantize_fp4_weight's smallest is 1, for |w| <= 6 * 2^-126)."""
+    n, kh = b.shape
+    per_weight = lambda t: jnp.broadcast_to(t[:, :, None], (n, kh // 16, 16)).reshape(n, kh)
+    if decode == "bits_exp":
+        # bf16 bits of value * 2^(code-127), integer ops only: k = bits of 0.5 * 2^(code-127) (exponent field
+        # code - 1), v >= 2: (v << 6) + k, v == 1: k, v == 0: 0; OR the sign bit 15; no float op at all
+        k = per_weight(0x3F00 + ((codes - 127) << 7))
+
+        def half(v, sign):
+            mag = jnp.where(v > 1, (v << 6) + k, v * k)
+            return jax.lax.bitcast_convert_type((mag | sign).astype(jnp.int16), jnp.bfloat16)
+
+        return half(b & 7, (b << 12) & 0x8000), half((b >> 4) & 7, (b << 8) & 0x8000)
+    sc = per_weight(jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0)
+    if decode == "e4m3":
+        half = lambda high: _f8_of_nibble(((b >> 4) & 15) if high else (b & 15)).astype(f32)
+    elif decode == "bits":
+        half = lambda high: _f32_of_nibble_bits(b, high)
+    else:
+        raise ValueError(f"grouped_matmul(gpu): fp4_decode={decode!r}, not one of {FP4_DECODES}")
+    return tuple((half(high) * sc).astype(jnp.bfloat16) for high in (False, True))
+
+
+def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
+            fp4_parity=False):
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
     else:
@@ -134,6 +202,12 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     def kcols(k0, n):
         return (k0 + iota(n))[None, :]                                 # [1, n]
 
+    def fp4_halves(k0):
+        """(even-k, odd-k) weights, bf16 [bn, bk/2] each: w[g, cols, k0:k0+bk:2], w[g, cols, k0+1:k0+bk:2]."""
+        b = w_ref[g, wc, kcols(k0 // 2, bk // 2)].astype(jnp.int32)    # [bn, bk/2] packed pairs
+        codes = s_ref[g, wc, kcols(k0 // 32, bk // 32)].astype(jnp.int32)   # [bn, bk/32] E8M0 codes
+        return fp4_decode_tile(b, codes, fp4_decode)
+
     def weight_tile(k0):
         """[bn, bk] bf16: w[g, cols, k0:k0+bk], dequantised."""
         if fmt == "bf16":
@@ -142,26 +216,36 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
             w8 = w_ref[g, wc, kcols(k0, bk)]
             s = s_ref[g, wc // 128, k0 // 128]                        # [bn, 1] fp32 block scales
             return (w8.astype(f32) * s).astype(jnp.bfloat16)
-        b = w_ref[g, wc, kcols(k0 // 2, bk // 2)].astype(jnp.int32)    # [bn, bk/2] packed pairs
-        codes = s_ref[g, wc, kcols(k0 // 32, bk // 32)].astype(jnp.int32)   # [bn, bk/32] E8M0 codes
-        sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
-        sc = jnp.broadcast_to(sc[:, :, None], (bn, bk // 32, 16)).reshape(bn, bk // 2)
-        lo = (_f8_of_nibble(b & 15).astype(f32) * sc).astype(jnp.bfloat16)
-        hi = (_f8_of_nibble((b >> 4) & 15).astype(f32) * sc).astype(jnp.bfloat16)
+        lo, hi = fp4_halves(k0)
         return jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
+
+    def x_halves(k0):
+        """x's (even, odd) columns of the K step, bf16 [bm, bk/2] each (see fp4_parity)."""
+        if fp4_parity == "strided":
+            ev = k0 + 2 * iota(bk // 2)
+            return x_ref[xr, ev[None, :]], x_ref[xr, (ev + 1)[None, :]]
+        if fp4_parity == "permuted":                                   # x's columns permuted by the wrapper
+            return x_ref[xr, kcols(k0, bk // 2)], x_ref[xr, kcols(k0 + bk // 2, bk // 2)]
+        xt = x_ref[xr, kcols(k0, bk)]                                  # "split": [bm, bk] -> tt.split
+        return tuple(jnp.unstack(xt.reshape(bm, bk // 2, 2), axis=-1))
+
+    def mm(acc, wt, xt):
+        if w_lhs:                                                      # acc^T [bn, bm] = w_tile . x_tile^T
+            return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
 
     @pl.when((rend > row0) & (g < E))
     def _compute():
         def body(kk, acc):
             k0 = pl.multiple_of(kk * bk, bk)
+            if fmt == "fp4" and fp4_parity:                            # two dots: even k, odd k
+                (w_ev, w_od), (x_ev, x_od) = fp4_halves(k0), x_halves(k0)
+                return mm(mm(acc, w_ev, x_ev), w_od, x_od)
             xt = x_ref[xr, kcols(k0, bk)]                              # [bm, bk]
             if transpose_w:
                 wt = w_ref[g, (k0 + iota(bk))[:, None], wcol[None, :]]          # [bk, bn]
                 return acc + jnp.dot(xt, wt, preferred_element_type=f32)
-            wt = weight_tile(k0)
-            if w_lhs:                                                  # acc^T [bn, bm] = w_tile . x_tile^T
-                return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-            return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            return mm(acc, weight_tile(k0), xt)
 
         acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32))
         if w_lhs:
@@ -184,11 +268,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
-                                             "num_warps", "num_stages", "w_lhs", "interpret"))
+                                             "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
+                                             "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
-                   interpret: bool = False):
+                   fp4_decode: str = "e4m3", fp4_parity: bool | str = False, interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -197,7 +282,16 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     take its A operand from registers, B only from shared memory); ignored with transpose_w.
     Launch parameters left None take the format's DEFAULTS, or DECODE_DEFAULTS when there are fewer than
     DECODE_ROWS_PER_GROUP rows per group on average (decode).
+    FP4 decode variants (opt-in launch options, ignored for other formats; see the module docstring): fp4_decode
+    "e4m3" (default), "bits" (bit-identical tiles) or "bits_exp" (integer ops only; E8M0 codes 2..252);
+    fp4_parity False (default: the interleaved [block_n, block_k] tile), True (= "split"), "strided" or "permuted"
+    (even-k and odd-k half tiles, two dots per K step; the variants differ in how x's even/odd columns are read).
     """
+    if fp4_decode not in FP4_DECODES:
+        raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r}, not one of {FP4_DECODES}")
+    if not (isinstance(fp4_parity, bool) or fp4_parity in FP4_PARITIES[2:]):
+        raise ValueError(f"grouped_matmul(gpu): fp4_parity={fp4_parity!r}, not one of {FP4_PARITIES}")
+    fp4_parity = "split" if fp4_parity is True else fp4_parity
     fmt = weight_format(w, scale)
     table = DECODE_DEFAULTS if x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w else DEFAULTS
     d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
@@ -236,8 +330,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         args.append(e8m0_to_f32(scale))
     elif fmt == "fp4":
         args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
+        if fp4_parity == "permuted":             # per K step of bk columns: the bk/2 even ones, then the odd ones
+            args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
-                               w_lhs=bool(w_lhs) and not transpose_w)
+                               w_lhs=bool(w_lhs) and not transpose_w, fp4_decode=fp4_decode,
+                               fp4_parity=fp4_parity if fmt == "fp4" else False)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(O, bn), meta.shape[1]),

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Launch sweeps of the two decode matmul kernels at Flash shapes (GPU), to pick their defaults.
+
+    python scripts/sweep_decode_kernels.py [--json F] [--quick]
+
+1. `pallas_kernels.linear` (skinny FP8 linear) on wq_b [32768, 1024], wo_b [4096, 8192], wq_a [1024, 4096] at
+   M = 1 and 32 rows: block_n x splits x stages (the automatic launch first), against XLA's dequantise + GEMM.
+2. `pallas_kernels.grouped_matmul` with FP4 experts (w1 [256, 2048, 4096], w2 [256, 4096, 2048]) at decode:
+   N = 6 rows (batch 1, top-6) and 192 rows (batch 32), routed uniformly at random; bytes = the touched experts.
+Every case: microseconds per call (16 distinct inputs per jit, nothing shared), GB/s of the weight bytes it must
+read and the fraction of the measured copy bandwidth; every kernel output is checked against the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import grouped_matmul as gm  # noqa: E402
+from pallas_kernels import linear as klin  # noqa: E402
+from pallas_kernels.grouped_matmul import gpu as gmg  # noqa: E402
+from pallas_kernels.linear import gpu as klg  # noqa: E402
+from v4jax import bench, layers, quant  # noqa: E402
+
+REPS = 16
+SHRINK = 1
+CPU = jax.default_backend() == "cpu"
+
+
+def _per_call(fn, args_list):
+    def many(args_list):
+        acc = None
+        for a in args_list:
+            y = fn(*a).astype(jnp.float32).sum()
+            acc = y if acc is None else acc + y
+        return acc
+    f = jax.jit(many)
+    return bench.time_fn(f, [(args_list,)], min_samples=5, max_total_s=1.0) / len(args_list)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def sweep_linear(log, bw, quick):
+    key = jax.random.PRNGKey(0)
+    shapes = {k: (o // SHRINK, i // SHRINK) for k, (o, i) in
+              {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "wq_a": (1024, 4096)}.items()}
+    best = {}
+    for name, (O, K) in shapes.items():
+        nodes = []
+        for i in range(REPS):
+            w = jax.random.normal(jax.random.fold_in(key, i), (O, K), jnp.float32) * 0.02
+            w8, s = quant.quantize_fp8_weight(w)
+            nodes.append((w8, s))
+        for M in (1, 32):
+            xs = [jax.random.normal(jax.random.fold_in(key, 50 + i), (M, K), jnp.bfloat16) for i in range(REPS)]
+            ref = layers._matmul(xs[0], layers.weight({"weight": nodes[0][0], "scale": nodes[0][1]}))
+            t = _per_call(lambda x, w8, s: layers._matmul(x, layers.weight({"weight": w8, "scale": s})),
+                          [(x, *n) for x, n in zip(xs, nodes)])
+            log(f"| linear {name} | {M} | xla dequant+gemm | {t * 1e6:.1f} | {O * K / t / 1e9:.0f} | "
+                f"{100 * O * K / t / bw:.0f} | - |")
+            auto = klg.launch(M, O, K, 1)
+            cfgs = [dict()]
+            for bn, sp, st in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 5)):
+                if quick and (st == 5 or sp in (2, 8)):
+                    continue
+                if (K // 128) % sp:
+                    continue
+                cfgs.append(dict(block_n=bn, splits=sp, num_stages=st, block_k=128))
+            for c in cfgs:
+                try:
+                    f = lambda x, w8, s, c=c: klg.linear(x, w8, s, out_dtype=jnp.float32, interpret=CPU, **c)
+                    t = _per_call(f, [(x, *n) for x, n in zip(xs, nodes)])
+                    err = _rel(f(xs[0], *nodes[0]), ref)
+                except Exception as e:  # noqa: BLE001
+                    log(f"| linear {name} | {M} | {c or auto} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                    continue
+                tag = c or f"auto {auto}"
+                log(f"| linear {name} | {M} | {tag} | {t * 1e6:.1f} | {O * K / t / 1e9:.0f} | "
+                    f"{100 * O * K / t / bw:.0f} | {err:.1e} |")
+                k = (name, M)
+                if err < 1e-3 and (k not in best or t < best[k][0]):
+                    best[k] = (t, tag)
+    return best
+
+
+def sweep_grouped(log, bw, quick):
+    key = jax.random.PRNGKey(1)
+    E, k = 256 // SHRINK, 6
+    shapes = {k_: (o // SHRINK, i // SHRINK) for k_, (o, i) in {"w1": (2048, 4096), "w2": (4096, 2048)}.items()}
+    opts = inspect.signature(gmg.grouped_matmul).parameters
+    variants = []
+    if "fp4_decode" in opts:
+        variants = [dict(fp4_decode="bits"), dict(fp4_decode="bits_exp"), dict(fp4_parity=True),
+                    dict(fp4_parity="permuted"), dict(fp4_decode="bits_exp", fp4_parity="permuted")]
+    best = {}
+    for name, (O, K) in shapes.items():
+        w = jax.random.normal(key, (E, O, K), jnp.bfloat16) * 0.02
+        w4, s4 = jax.jit(lambda w: quant.quantize_fp4_weight(w))(w)
+        del w
+        per_expert = O * K // 2 + O * K // 32
+        for B in (1, 32):
+            N = B * k
+            sets = []
+            touched = []
+            rng = np.random.default_rng(B)
+            for i in range(REPS):
+                ids = np.stack([rng.choice(E, k, replace=False) for _ in range(B)]).reshape(-1)
+                sizes = np.bincount(ids, minlength=E).astype(np.int32)
+                touched.append((sizes > 0).sum())
+                x = jax.random.normal(jax.random.fold_in(key, 100 + i), (N, K), jnp.bfloat16)
+                sets.append((x, jnp.asarray(sizes)))
+            nbytes = float(np.mean(touched)) * per_expert
+            ref = gm.grouped_matmul(sets[0][0], {"weight": w4, "scale": s4}, sets[0][1], backend="reference")
+            cfgs = [dict()]
+            for bn, bk, nw in itertools.product((32, 64, 128), (64, 128), (4, 8)):
+                if quick and nw == 8 and bn < 128:
+                    continue
+                cfgs.append(dict(block_m=16, block_n=bn, block_k=bk, num_warps=nw, num_stages=3, w_lhs=True))
+            for bn, ex in itertools.product((64, 128), variants):
+                cfgs.append(dict(block_m=16, block_n=bn, block_k=128, num_warps=4, num_stages=3, w_lhs=True, **ex))
+            for c in cfgs:
+                try:
+                    f = lambda x, g, c=c: gmg.grouped_matmul(x, w4, g, s4, interpret=CPU, **c)
+                    t = _per_call(f, sets)
+                    err = _rel(f(*sets[0]), ref)
+                except Exception as e:  # noqa: BLE001
+                    log(f"| experts {name} | {B} | {c} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                    continue
+                tag = c or "auto (DECODE_DEFAULTS)"
+                log(f"| experts {name} | {B} | {tag} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
+                    f"{100 * nbytes / t / bw:.0f} | {err:.1e} |")
+                kk = (name, B)
+                if err < 1e-3 and (kk not in best or t < best[kk][0]):
+                    best[kk] = (t, tag)
+        del w4, s4
+    return best
+
+
+def main(argv=None) -> int:
+    global SHRINK, REPS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="linear,grouped")
+    ap.add_argument("--shrink", type=int, default=1, help="(a CPU check of the script) divide the shapes")
+    ap.add_argument("--reps", type=int, default=16)
+    args = ap.parse_args(argv)
+    SHRINK, REPS = args.shrink, args.reps
+    log, lines = bench.line_logger()
+    bw = bench.measure_copy_bw()
+    log(f"device {jax.devices()[0].device_kind}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    log("| kernel | rows/batch | launch | us | GB/s | % copy BW | rel err |")
+    log("|---|---|---|---|---|---|---|")
+    best = {}
+    if "linear" in args.only:
+        best.update({f"linear {k}": v for k, v in sweep_linear(log, bw, args.quick).items()})
+    if "grouped" in args.only:
+        best.update({f"experts {k}": v for k, v in sweep_grouped(log, bw, args.quick).items()})
+    log("best:")
+    for k, (t, tag) in best.items():
+        log(f"  {k}: {t * 1e6:.1f} us  {tag}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bw": bw, "lines": lines}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
