@@ -6,8 +6,6 @@ doubly-stochastic matrix (`comb`, row j = source stream, column k = destination)
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -23,40 +21,18 @@ def _mixes(X: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     return jnp.einsum("...i,mi->...m", x, fn.astype(f32), precision="highest") * r
 
 
-UNROLL_ROWS = 64      # at most this many token rows (decode): the Sinkhorn is unrolled into one fused kernel
-
-
-def _rows_sum(t):
-    """Left-to-right fp32 sum of a list of arrays (a fixed order, the same in every form of the Sinkhorn)."""
-    out = t[0]
-    for a in t[1:]:
-        out = out + a
-    return out
-
-
-def sinkhorn(c: jax.Array, iters: int, eps: float, unroll: bool = False) -> jax.Array:
+def sinkhorn(c: jax.Array, iters: int, eps: float) -> jax.Array:
     """Row-softmax + eps, then `iters` column and `iters - 1` row normalisations (columns first).
 
-    The n x n matrix is held as n*n separate [...] arrays and every row/column sum is written out as additions,
-    so the whole projection is elementwise arithmetic. The repeated (row, column) pair is a `fori_loop` (unrolled,
-    the 20-iteration chain and its gradient made XLA's GPU fusion pass take minutes per block: 146 s to compile
-    one mHC gradient on H100), or with `unroll` straight-line code that XLA fuses into a single kernel -- for
-    decode, where the loop's ~5 small kernels and a host round trip per iteration cost more than the maths. Both
-    forms compute the same operations in the same order."""
-    n = c.shape[-1]
+    The repeated (row, column) pair runs as a `fori_loop`: unrolled, the 20-iteration chain and its gradient
+    made XLA's GPU fusion pass take minutes per block (measured: 146 s to compile one mHC gradient on H100)."""
     c = jax.nn.softmax(c, axis=-1) + eps
-    m = tuple(c[..., i, j] for i in range(n) for j in range(n))        # m[i * n + j]
+    c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
-    def col(m):
-        s = [_rows_sum([m[i * n + j] for i in range(n)]) + eps for j in range(n)]
-        return tuple(m[i * n + j] / s[j] for i in range(n) for j in range(n))
-
-    def row(m):
-        s = [_rows_sum([m[i * n + j] for j in range(n)]) + eps for i in range(n)]
-        return tuple(m[i * n + j] / s[i] for i in range(n) for j in range(n))
-
-    m = jax.lax.fori_loop(0, iters - 1, lambda _, m: col(row(m)), col(m), unroll=bool(unroll) or None)
-    return jnp.stack(m, axis=-1).reshape(c.shape)
+    def row_col(_, c):
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    return jax.lax.fori_loop(0, iters - 1, row_col, c)
 
 
 def hc_pre(X: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, norm_eps: float, hc_eps: float,
@@ -67,7 +43,7 @@ def hc_pre(X: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, *, no
     pre = jax.nn.sigmoid(m[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2.0 * jax.nn.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
     raw = (m[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(m.shape[:-1] + (n, n))
-    comb = sinkhorn(raw, iters, hc_eps, unroll=math.prod(X.shape[:-2]) <= UNROLL_ROWS)
+    comb = sinkhorn(raw, iters, hc_eps)
     y = jnp.sum(pre[..., None] * X.astype(f32), axis=-2)
     return round_to(y, X.dtype), post, comb
 
