@@ -49,7 +49,7 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def uses_skinny(x: jax.Array, node: dict) -> bool:
-    """Whether x @ node runs the skinny decode kernel: an NVIDIA GPU (not V4JAX_KERNELS=reference), at most
+    """Whether x @ node runs the skinny decode kernel: an NVIDIA GPU (not V4JAX_KERNELS=reference), 2 to
     MAX_ROWS rows, a bf16 or FP8 weight."""
     rows = math.prod(x.shape[:-1])
     # one row: XLA turns the product into a fused reduction that reads the FP8 weight once (measured 55-60% of

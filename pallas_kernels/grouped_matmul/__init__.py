@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .._backend import platform_backend
+from .._weights import dequantize
 
 from .reference import grouped_matmul as _reference
 
@@ -22,17 +23,6 @@ def _split(w_node):
     if isinstance(w_node, dict):
         return w_node["weight"], w_node.get("scale")
     return w_node, None
-
-
-def dequantize(w, scale, dtype=jnp.bfloat16):
-    """The logical [E, out, in] weight of (w, scale): bf16/fp32 as is, FP8 + 128x128 E8M0, or packed FP4 + 1x32
-    E8M0 (exact, as `v4jax.layers.weight`)."""
-    if scale is None:
-        return w.astype(dtype)
-    from v4jax import quant                      # lazy: v4jax imports this package (no import cycle)
-    if w.dtype == jnp.int8:
-        return quant.dequant_fp4_weight(w, scale, dtype)
-    return quant.dequant_fp8_weight(w, scale, dtype)
 
 
 def _ref_node(x, w, scale, group_sizes, out_dtype):

@@ -13,17 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._weights import dequantize
+
 f32 = jnp.float32
-
-
-def dequantize(w: jax.Array, scale: jax.Array | None, dtype=jnp.bfloat16) -> jax.Array:
-    """The logical [O, K] weight of (w, scale), exact (as `v4jax.layers.weight`), cast to dtype."""
-    if scale is None:
-        return w.astype(dtype)
-    from v4jax import quant                      # lazy: v4jax imports pallas_kernels (no import cycle)
-    if w.dtype == jnp.int8:
-        return quant.dequant_fp4_weight(w, scale, dtype)
-    return quant.dequant_fp8_weight(w, scale, dtype)
 
 
 def compute_dtype(x: jax.Array, w: jax.Array, scale: jax.Array | None):
