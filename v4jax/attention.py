@@ -23,6 +23,7 @@ from pallas_kernels import indexer as indexer_kernels     # a module: pallas_ker
 from pallas_kernels.sparse_attention import sparse_attention
 
 from . import compressor, indexer
+from .chunks import token_chunks
 from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
@@ -78,15 +79,23 @@ def _head_norm(q: jax.Array, eps: float) -> jax.Array:
     return round_to(q32 * r(jax.lax.rsqrt(r(ms + eps))), q.dtype)
 
 
-def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
-    """x [B, S, d] -> qr [B,S,q_lora], q [B,S,H,hd], kv [B,S,hd] (RoPE'd; kv FP8-simulated)."""
+def _q(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+    """x [B, S, d] -> qr [B,S,q_lora], q [B,S,H,hd] (head-normed, RoPE'd)."""
     B, S, _ = x.shape
     qr = rms_norm(linear_fp8(cfg, p["wq_a"], x), p["q_norm"]["weight"], cfg.rms_norm_eps)
     q = linear_fp8(cfg, p["wq_b"], qr).reshape(B, S, cfg.num_attention_heads, cfg.head_dim)
-    q = apply_rope(_head_norm(q, cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+    return qr, apply_rope(_head_norm(q, cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+
+
+def _kv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+    """x [B, S, d] -> kv [B,S,hd] (RoPE'd, FP8-simulated)."""
     kv = rms_norm(linear_fp8(cfg, p["wkv"], x), p["kv_norm"]["weight"], cfg.rms_norm_eps)
-    kv = compressor.kv_quant_sim(cfg, apply_rope(kv, cos, sin))
-    return qr, q, kv
+    return compressor.kv_quant_sim(cfg, apply_rope(kv, cos, sin))
+
+
+def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, cos, sin):
+    """x [B, S, d] -> qr [B,S,q_lora], q [B,S,H,hd], kv [B,S,hd]."""
+    return *_q(cfg, p, x, cos, sin), _kv(cfg, p, x, cos, sin)
 
 
 def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
@@ -123,13 +132,18 @@ def _compressed_idx(cfg: ModelConfig, p: dict, m: int, x, qr, cos, sin, keys, n_
 
 # ---- prefill ------------------------------------------------------------------------------------------
 def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_len: int | None = None,
-            doc_start: jax.Array | None = None):
+            doc_start: jax.Array | None = None, q_chunk: int = 0):
     """x [B, S, d] (normed block input) -> (out [B, S, d], cache dict for decode or None).
 
     doc_start [B, S] (packed rows, see `doc_starts`): each token sees only its own document -- positions restart
     at the document start, the window stops there, and a compressed entry is visible only if its whole block
     lies inside the query's document. With documents starting at multiples of 128, every document computes
-    exactly as if it were alone."""
+    exactly as if it were alone.
+
+    q_chunk > 0 (long prefills, see v4jax.chunks): the KV side (raw KV rows, compressed entries, indexer keys:
+    at most hd values per token) is computed for the whole sequence, the query side (q projections, indexer
+    scores and top-k, attention, output projection) `q_chunk` queries at a time -- the same values, with only one
+    chunk's [tokens, H x hd] transients alive."""
     B, S, _ = x.shape
     m, W, hd = cfg.ratio(layer), cfg.sliding_window, cfg.head_dim
     t = jnp.arange(S)
@@ -141,15 +155,10 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
             return out, None
         return out, _prefill_cache(cfg, layer, parts.pop("tail"), parts, S, max_len)
     cos, sin = rope_table(t[None, :] - doc_start, inv_freq)
-    qr, q, kv = _qkv(cfg, p, x, cos, sin)
-    idx = window_idx_prefill(S, W)[None]
-    idx = jnp.where(idx >= doc_start[..., None], idx, -1)
-    pool = kv
+    kv = _kv(cfg, p, x, cos, sin)
+    pool, keys, n = kv, None, S // m if m else 0
     cache = {}
     if m:
-        n = S // m
-        n_visible = (t + 1) // m                                                          # [S]
-        first = (doc_start + m - 1) // m                                                  # [B, S]
         entries, state = compressor.prefill(cfg, p["compressor"], x, m, hd, inv_freq, doc_start=doc_start)
         cache.update(comp_entries=entries, comp_state=state)
         if m == 4:
@@ -157,11 +166,20 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
                                               inv_freq, indexer=True, doc_start=doc_start)
             cache.update(index_keys=keys, index_state=istate)
         if n:
-            cidx = _compressed_idx(cfg, p, m, x, qr, cos, sin, keys if m == 4 else None, n_visible, n, first)
             pool = jnp.concatenate([kv, entries], axis=1)
+
+    def queries(s0, xc, cosc, sinc, dsc):             # the queries at positions s0 .. s0 + len - 1
+        qr, q = _q(cfg, p, xc, cosc, sinc)
+        c = xc.shape[1]
+        idx = window_idx_prefill(c, W, start=s0, width=min(S, W))[None]
+        idx = jnp.where(idx >= dsc[..., None], idx, -1)
+        if n:
+            tc = s0 + jnp.arange(c)
+            cidx = _compressed_idx(cfg, p, m, xc, qr, cosc, sinc, keys, (tc + 1) // m, n, (dsc + m - 1) // m)
             idx = jnp.concatenate([idx, _offset(cidx, S)], axis=-1)
-    o = _attend(cfg, p, q, pool, idx)
-    out = _output(cfg, p, o, cos, sin)
+        return _output(cfg, p, _attend(cfg, p, q, pool, idx), cosc, sinc)
+
+    out = token_chunks(queries, q_chunk, x, cos, sin, doc_start)
     if max_len is None:
         return out, None
     return out, _prefill_cache(cfg, layer, kv[:, max(S - W, 0):], cache, S, max_len)

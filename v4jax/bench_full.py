@@ -62,6 +62,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--decode", default="1x8K,8x8K,32x8K,1x64K,1x1M", help="decode cases Bxctx")
     p.add_argument("--steps", type=int, default=128, help="decode steps per case")
     p.add_argument("--prefill-tokens", type=int, default=65536, help="at most this many tokens per prefill call")
+    p.add_argument("--chunk-tokens", type=int, default=8192,
+                   help="tokens per chunk of each block's per-token work inside a prefill call (0: unchunked)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a quicker, partial run)")
     p.add_argument("--rules", default=None,
                    help="override sharding.RULES, e.g. q_heads=expert,o_groups=expert,heads=expert (attention "
@@ -253,7 +255,7 @@ def run(args) -> int:
         for B, S in pre_cases:
             mb = max(1, min(B, args.prefill_tokens // S))
             toks = jax.ShapeDtypeStruct((mb, S), jnp.int32, sharding=rep)
-            jobs[("prefill", mb, S)] = lambda toks=toks, S=S: model._prefill.lower(cfg, params, toks, S + 1, True)
+            jobs[("prefill", mb, S)] = lambda toks=toks, S=S: model._prefill.lower(cfg, params, toks, S + 1, True, args.chunk_tokens)
         loop = jax.jit(_decode_loop, static_argnums=0, donate_argnums=2)
         for B, ctx in dec_cases:
             max_len = ctx + args.steps + 8

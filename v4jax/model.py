@@ -27,7 +27,8 @@ from .hyper import hc_head, hc_post, hc_pre
 from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
 from .moe import moe
 from .quant import round_to
-from .sharding import constrain
+from .chunks import PREFILL_TOKENS, rows_per_chunk, token_chunks
+from .sharding import active_axis_size, constrain
 
 f32 = jnp.float32
 
@@ -63,6 +64,22 @@ def _block(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len=None, doc_s
         X, (ids, scores) = _ffn(cfg, p, layer, X, tokens, True)
         return X, cache, {"attn_in": xa, "ids": ids, "scores": scores}
     return _ffn(cfg, p, layer, X, tokens), cache
+
+
+def _block_chunked(cfg: ModelConfig, p: dict, layer: int, X, tokens, max_len, chunk: int):
+    """`_block` (inference prefill, no documents) with the per-token work run `chunk` positions at a time
+    (v4jax.chunks): the attention sub-layer's mHC mixing and norm, its query side, and the whole FFN sub-layer
+    (mHC, MoE dispatch). Same values as `_block`; only one chunk's transients are alive at a time."""
+    def pre(_, Xc):
+        y, post, comb = _hc(cfg, p, "attn", Xc)
+        return rms_norm(y, p["attn_norm"]["weight"], cfg.rms_norm_eps), post, comb
+
+    xa, post, comb = token_chunks(pre, chunk, X)
+    a, cache = attention.prefill(cfg, p["attn"], layer, xa, rope_inv_freq(cfg, layer), max_len, q_chunk=chunk)
+
+    def post_ffn(_, Xc, ac, pc, cc, tc):
+        return _ffn(cfg, p, layer, hc_post(Xc, ac, pc, cc), tc)
+    return token_chunks(post_ffn, chunk, X, a, post, comb, tokens), cache
 
 
 def _block_decode(cfg: ModelConfig, p: dict, layer: int, X, token, pos, c):
@@ -224,30 +241,42 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
             "layers": [attention.init_cache(cfg, i, batch, max_len) for i in range(cfg.n_layers)]}
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False):
+@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False,
+             chunk_tokens: int = PREFILL_TOKENS):
     X = _embed(cfg, params, tokens)
+    B, S = tokens.shape
+    chunk = rows_per_chunk(B, S, chunk_tokens) if active_axis_size("seq") == 1 else 0
     caches = []
     for i in range(cfg.n_layers):
-        X, c = _block(cfg, params["layers"][str(i)], i, X, tokens, max_len)
+        p = params["layers"][str(i)]
+        if chunk:
+            X, c = _block_chunked(cfg, p, i, X, tokens, max_len, chunk)
+        else:
+            X, c = _block(cfg, p, i, X, tokens, max_len)
         caches.append(c)
     logits = _head(cfg, params, params["head"], X[:, -1:] if last_only else X)
     pos = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     return logits, {"pos": pos, "layers": caches}
 
 
-def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False):
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, max_len: int, last_only: bool = False,
+            chunk_tokens: int = PREFILL_TOKENS):
     """Run the prompt [B, S] (positions 0..S-1) -> (logits [B, S, V], cache for `decode_step`).
 
     `max_len` bounds the total length (prompt + generated tokens) the cache can hold. last_only: logits of the
-    last position only ([B, 1, V]; at a 129K vocabulary, all positions of a 64K prompt would be 34 GB)."""
+    last position only ([B, 1, V]; at a 129K vocabulary, all positions of a 64K prompt would be 34 GB).
+    chunk_tokens: prompts of more than this many tokens (B x S) run each block's per-token work in chunks of
+    about this many tokens (v4jax.chunks; same values, bounded memory); 0 turns chunking off."""
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be an int >= 0, got {chunk_tokens!r}")
     _check_tokens(cfg, tokens)
     S = tokens.shape[1]
     if S > max_len:
         raise ValueError(f"prompt has {S} tokens, more than max_len={max_len}")
     if max_len > cfg.max_position_embeddings:
         raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    return _prefill(cfg, params, tokens, int(max_len), bool(last_only))
+    return _prefill(cfg, params, tokens, int(max_len), bool(last_only), chunk_tokens)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
