@@ -1,19 +1,25 @@
 #!/usr/bin/env python
 """Launch sweeps of the two decode matmul kernels at Flash shapes (GPU), to pick their defaults.
 
-    python scripts/sweep_decode_kernels.py [--json F] [--quick]
+    python scripts/sweep_decode_kernels.py [--json F] [--quick] [--only linear,grouped] [--tokens 1,8,32]
 
 1. `pallas_kernels.linear` (skinny FP8 linear) on wq_b [32768, 1024], wo_b [4096, 8192], wq_a [1024, 4096] at
    M = 1 and 32 rows: block_n x splits x stages (the automatic launch first), against XLA's dequantise + GEMM.
 2. `pallas_kernels.grouped_matmul` with FP4 experts (w1 [256, 2048, 4096], w2 [256, 4096, 2048]) at decode:
-   N = 6 rows (batch 1, top-6) and 192 rows (batch 32), routed uniformly at random; bytes = the touched experts.
+   N = 6, 48, 192 rows (batch 1, 8, 32 with top-6; `--tokens`), routed uniformly at random; bytes = the touched
+   experts. Launches: the automatic one (DECODE_DEFAULTS + `decode_split_k`), block_n x num_warps x split_k
+   (1, 2, 4, 8, 16 where it divides the K steps; `--splits`), block_k 64, and the FP4 decode variants unsplit and
+   at the automatic split. `--quick`: block_n 64/128, 4 warps, block_k 128, two variants (~13 launches per case).
 Every case: microseconds per call (16 distinct inputs per jit, nothing shared), GB/s of the weight bytes it must
 read and the fraction of the measured copy bandwidth; every kernel output is checked against the reference.
+
+Examples (GPU): `python scripts/sweep_decode_kernels.py --only grouped --quick --json $OUT/grouped.json`;
+`--only grouped --tokens 1 --splits 1,4,8,16`. CPU check of the script (Pallas interpret mode, small shapes):
+`python scripts/sweep_decode_kernels.py --only grouped --quick --shrink 8 --reps 2 --tokens 1,8 --max-total-s 0`.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import sys
@@ -95,50 +101,79 @@ def sweep_linear(log, bw, quick):
     return best
 
 
-def sweep_grouped(log, bw, quick):
+GROUPED_SPLITS = (1, 2, 4, 8, 16)
+
+
+def grouped_configs(K, quick, auto_split):
+    """The launches tried for an FP4 expert weight with `K` inputs (every split_k dividing the K steps)."""
+    cfgs = [dict()]                                                        # automatic (DECODE_DEFAULTS + rule)
+    base = dict(block_m=16, num_stages=3, w_lhs=True)
+    for bk, bn, nw, sk in itertools.product((128, 64), (32, 64, 128), (4, 8), GROUPED_SPLITS):
+        if (K // bk) % sk or K % bk:
+            continue
+        if quick and (bk == 64 or bn == 32 or nw == 8):
+            continue
+        if bk == 64 and (bn != 128 or nw != 4 or sk not in (1, 4, 16)):
+            continue
+        cfgs.append(dict(base, block_n=bn, block_k=bk, num_warps=nw, split_k=sk))
+    variants = [dict(fp4_decode="bits"), dict(fp4_decode="bits_exp"), dict(fp4_parity=True),
+                dict(fp4_parity="permuted"), dict(fp4_decode="bits_exp", fp4_parity="permuted")]
+    if quick:
+        variants = variants[1:2] + variants[4:]
+    for ex, sk in itertools.product(variants, sorted({1, auto_split})):
+        cfgs.append(dict(base, block_n=128, block_k=128, num_warps=4, split_k=sk, **ex))
+    return cfgs
+
+
+def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0):
+    """FP4 experts at decode. Setup kept short for the GPU: each weight [E, O, K] is generated and quantised once
+    (on the device) and passed to every variant as a jit ARGUMENT (not a closed-over constant); one jit per variant
+    runs the kernel on REPS distinct routings (the same kernel, compiled once) and returns the first output for the
+    error check, so a variant costs one compile; the reference is computed once per case on the touched experts."""
     key = jax.random.PRNGKey(1)
     E, k = 256 // SHRINK, 6
     shapes = {k_: (o // SHRINK, i // SHRINK) for k_, (o, i) in {"w1": (2048, 4096), "w2": (4096, 2048)}.items()}
-    opts = inspect.signature(gmg.grouped_matmul).parameters
-    variants = []
-    if "fp4_decode" in opts:
-        variants = [dict(fp4_decode="bits"), dict(fp4_decode="bits_exp"), dict(fp4_parity=True),
-                    dict(fp4_parity="permuted"), dict(fp4_decode="bits_exp", fp4_parity="permuted")]
     best = {}
     for name, (O, K) in shapes.items():
-        w = jax.random.normal(key, (E, O, K), jnp.bfloat16) * 0.02
-        w4, s4 = jax.jit(lambda w: quant.quantize_fp4_weight(w))(w)
-        del w
+        w4, s4 = jax.jit(lambda kk: quant.quantize_fp4_weight(
+            jax.random.normal(kk, (E, O, K), jnp.bfloat16) * 0.02))(key)
         per_expert = O * K // 2 + O * K // 32
-        for B in (1, 32):
+        for B in tokens:
             N = B * k
-            sets = []
-            touched = []
+            xs, gss, touched = [], [], []
             rng = np.random.default_rng(B)
             for i in range(REPS):
                 ids = np.stack([rng.choice(E, k, replace=False) for _ in range(B)]).reshape(-1)
                 sizes = np.bincount(ids, minlength=E).astype(np.int32)
-                touched.append((sizes > 0).sum())
-                x = jax.random.normal(jax.random.fold_in(key, 100 + i), (N, K), jnp.bfloat16)
-                sets.append((x, jnp.asarray(sizes)))
+                touched.append(int((sizes > 0).sum()))
+                xs.append(jax.random.normal(jax.random.fold_in(key, 100 + i), (N, K), jnp.bfloat16))
+                gss.append(jnp.asarray(sizes))
             nbytes = float(np.mean(touched)) * per_expert
-            ref = gm.grouped_matmul(sets[0][0], {"weight": w4, "scale": s4}, sets[0][1], backend="reference")
-            cfgs = [dict()]
-            for bn, bk, nw in itertools.product((32, 64, 128), (64, 128), (4, 8)):
-                if quick and nw == 8 and bn < 128:
-                    continue
-                cfgs.append(dict(block_m=16, block_n=bn, block_k=bk, num_warps=nw, num_stages=3, w_lhs=True))
-            for bn, ex in itertools.product((64, 128), variants):
-                cfgs.append(dict(block_m=16, block_n=bn, block_k=128, num_warps=4, num_stages=3, w_lhs=True, **ex))
+            used = np.flatnonzero(np.asarray(gss[0]))                      # the reference on the touched experts
+            ref = gm.grouped_matmul(xs[0], {"weight": w4[used], "scale": s4[used]}, gss[0][used],
+                                    backend="reference")
+            auto = gmg.decode_split_k(N, E, O, K, block_n=gmg.DECODE_DEFAULTS["fp4"][1],
+                                      block_k=gmg.DECODE_DEFAULTS["fp4"][2], w_bytes=gmg.W_BYTES["fp4"]) \
+                if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
+            cfgs = grouped_configs(K, quick, auto)
+            log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
+                f"experts on average): {len(cfgs)} launches")
             for c in cfgs:
+                def many(xs, gss, w, s, c=c):
+                    acc, first = None, None
+                    for x, g in zip(xs, gss):
+                        y = gmg.grouped_matmul(x, w, g, s, interpret=CPU, **c)
+                        first = y if first is None else first
+                        acc = y.astype(jnp.float32).sum() if acc is None else acc + y.astype(jnp.float32).sum()
+                    return acc, first
+                f = jax.jit(many)
+                tag = c or f"auto (DECODE_DEFAULTS, split_k={auto})"
                 try:
-                    f = lambda x, g, c=c: gmg.grouped_matmul(x, w4, g, s4, interpret=CPU, **c)
-                    t = _per_call(f, sets)
-                    err = _rel(f(*sets[0]), ref)
+                    t = bench.time_fn(f, [(xs, gss, w4, s4)], min_samples=5, max_total_s=max_total_s) / REPS
+                    err = _rel(f(xs, gss, w4, s4)[1], ref)
                 except Exception as e:  # noqa: BLE001
-                    log(f"| experts {name} | {B} | {c} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+                    log(f"| experts {name} | {B} | {tag} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
                     continue
-                tag = c or "auto (DECODE_DEFAULTS)"
                 log(f"| experts {name} | {B} | {tag} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
                     f"{100 * nbytes / t / bw:.0f} | {err:.1e} |")
                 kk = (name, B)
@@ -156,10 +191,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="linear,grouped")
     ap.add_argument("--shrink", type=int, default=1, help="(a CPU check of the script) divide the shapes")
     ap.add_argument("--reps", type=int, default=16)
+    ap.add_argument("--tokens", default="1,8,32", help="grouped: decode batches (tokens, top-6 rows each)")
+    ap.add_argument("--splits", default=None, help="grouped: the split_k values to try (default 1,2,4,8,16)")
+    ap.add_argument("--max-total-s", type=float, default=1.0, help="timing budget per launch")
     args = ap.parse_args(argv)
     SHRINK, REPS = args.shrink, args.reps
+    if args.splits:
+        global GROUPED_SPLITS
+        GROUPED_SPLITS = tuple(int(v) for v in args.splits.split(","))
     log, lines = bench.line_logger()
-    bw = bench.measure_copy_bw()
+    bw = bench.measure_copy_bw(64 << 20) if CPU else bench.measure_copy_bw()
     log(f"device {jax.devices()[0].device_kind}, copy bandwidth {bw / 1e9:.0f} GB/s")
     log("| kernel | rows/batch | launch | us | GB/s | % copy BW | rel err |")
     log("|---|---|---|---|---|---|---|")
@@ -167,7 +208,9 @@ def main(argv=None) -> int:
     if "linear" in args.only:
         best.update({f"linear {k}": v for k, v in sweep_linear(log, bw, args.quick).items()})
     if "grouped" in args.only:
-        best.update({f"experts {k}": v for k, v in sweep_grouped(log, bw, args.quick).items()})
+        tokens = tuple(int(v) for v in args.tokens.split(","))
+        best.update({f"experts {k}": v for k, v in
+                     sweep_grouped(log, bw, args.quick, tokens, args.max_total_s).items()})
     log("best:")
     for k, (t, tag) in best.items():
         log(f"  {k}: {t * 1e6:.1f} us  {tag}")

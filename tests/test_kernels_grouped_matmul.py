@@ -346,3 +346,155 @@ def test_gpu_kernel_lowers_for_cuda():
     exp = export.export(f, platforms=["cuda"],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
     assert "triton" in exp(x, jax.ShapeDtypeStruct((N, O), jnp.bfloat16), gs).mlir_module()
+
+
+# ---- split-K (launch option split_k; the decode default through gpu.decode_split_k) ----------------------------
+
+def test_decode_split_k_rule():
+    """The decode split rule at the Flash expert shapes (16 x 128 x 128 decode tiles) and its limits."""
+    flash = dict(block_n=128, block_k=128)
+    for E in (256, 128):                                   # one GPU, or two with expert parallelism
+        assert gpu.decode_split_k(6, E, 2048, 4096, **flash) == 8           # w1/w3, batch 1: 768 programs x 4 steps
+        assert gpu.decode_split_k(6, E, 4096, 2048, **flash) == 4           # w2, batch 1: 768 programs x 4 steps
+        assert gpu.decode_split_k(24, E, 2048, 4096, **flash) == 2          # batch 4
+        assert gpu.decode_split_k(24, E, 4096, 2048, **flash) == 1
+        for N in (48, 192):                                                 # batch 8, 32: enough row tiles
+            assert gpu.decode_split_k(N, E, 2048, 4096, **flash) == 1
+            assert gpu.decode_split_k(N, E, 4096, 2048, **flash) == 1
+    assert gpu.decode_split_k(1, 256, 2048, 4096, **flash) == 16          # 1 row: 16 programs -> 2 steps each
+    assert gpu.decode_split_k(1, 256, 2048, 4096, min_steps=4, **flash) == 8
+    assert gpu.decode_split_k(6, 256, 2048, 256, **flash) == 1            # 2 K steps: no split leaves >= 2
+    assert gpu.decode_split_k(6, 256, 2048, 96 * 128, **flash) == 6       # 96 steps: 6 is the first to reach 528
+    assert gpu.decode_split_k(6, 256, 2048, 5 * 128, **flash) == 1        # 5 steps: no divisor <= 2.5
+    assert gpu.decode_split_k(0, 256, 2048, 4096, **flash) == 1
+    # the fp32 partials (8 s N O bytes, written + read) stay within half the weight bytes read
+    assert gpu.decode_split_k(4000, 2, 2048, 4096, w_bytes=gpu.W_BYTES["fp4"], **flash) == 1
+    assert gpu.decode_split_k(30, 2, 2048, 4096, w_bytes=gpu.W_BYTES["fp4"], **flash) == 8     # not 16: the cap
+    assert gpu.decode_split_k(30, 2, 2048, 4096, w_bytes=gpu.W_BYTES["bf16"], **flash) == 16
+    for N, E, O, K in itertools.product((1, 3, 6, 24, 100), (8, 256), (256, 2048), (1024, 4096)):
+        s = gpu.decode_split_k(N, E, O, K, **flash)
+        assert (K // 128) % s == 0 and K // 128 // s >= 2 or s == 1
+
+
+# N, K, O, group sizes: empty first/middle/last groups, groups of one row, rows past the groups, O not a multiple
+# of the column tile; K = 512 (block_k 64: 8 K steps; FP8: 4 scale blocks, FP4: 16)
+SPLIT_CASE = (120, 512, 144, [0, 40, 1, 0, 60, 1, 0])                  # N >= 16 E: not the decode launch
+
+
+@pytest.mark.parametrize("fmt,split", [("bf16", 8), ("fp8", 2), ("fp4", 4)])
+def test_gpu_kernel_split_k_matches_reference(fmt, split):
+    """split_k > 1 == the reference for every weight format, K ranges of 1 K step (bf16), 2 FP8 scale blocks, 4 FP4
+    scale blocks; rows past the groups exactly 0; bf16 output = RNE of the fp32 sum of the partials. split_k = 1
+    (the unsplit kernel) == the reference, and is the default outside decode."""
+    N, K, O, sizes = SPLIT_CASE
+    x, node, gs = _inputs(N, K, O, sizes, seed=21, fmt=fmt)
+    ref = _ref(x, node, gs)
+    kw = dict(block_m=16, block_n=32, block_k=64, interpret=True)
+    run = lambda **k: gpu.grouped_matmul(x, node["weight"], gs, node.get("scale"), **kw, **k)
+    out = run(split_k=split)
+    assert out.dtype == jnp.float32
+    _check(out, ref, sizes, N)
+    if fmt == "bf16":
+        one = run(split_k=1)
+        _check(one, ref, sizes, N)
+        np.testing.assert_array_equal(np.asarray(run()), np.asarray(one))    # no split by default
+    if fmt == "fp4":
+        ob = run(split_k=split, out_dtype=jnp.bfloat16)
+        assert ob.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(ob), np.asarray(quant.round_to(out, jnp.bfloat16)))
+
+
+def _decode_case(K=1024, O=256, fmt="fp4", seed=12):
+    """7 rows over 20 experts (groups of 1-3 rows, most empty) plus 3 rows past the groups: the decode launch."""
+    sizes = [0] * 20
+    for e in (1, 5, 5, 9, 19, 19, 19):
+        sizes[e] += 1
+    N = 10
+    x, node, gs = _inputs(N, K, O, sizes, seed=seed, fmt=fmt)
+    return N, K, O, sizes, x, node, gs
+
+
+def test_gpu_kernel_decode_launch_splits_k():
+    """At decode the default launch splits K (decode_split_k: 8 K steps of 128 -> 4 programs per row/out tile) and
+    equals the reference; the FP4 decode variants work with split-K (their K ranges stay block_k-aligned)."""
+    N, K, O, sizes, x, node, gs = _decode_case()
+    assert gpu.decode_split_k(N, len(sizes), O, K, block_n=128, block_k=128) == 4
+    ref = _ref(x, node, gs)
+    _check(gpu.grouped_matmul(x, node["weight"], gs, node["scale"], interpret=True), ref, sizes, N)
+    _check(gpu.grouped_matmul(x, node["weight"], gs, node["scale"], split_k=1, interpret=True), ref, sizes, N)
+    for decode, parity, s in (("bits_exp", "permuted", 2), ("bits", True, 8)):
+        out = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], fp4_decode=decode, fp4_parity=parity,
+                                 split_k=s, interpret=True)
+        _check(out, ref, sizes, N)
+
+
+def test_gpu_kernel_split_k_option_values():
+    x, node, gs = _inputs(8, 256, 32, [3, 5], fmt="fp4")                  # 4 K steps of 64
+    for bad in (3, 8, 0, -2, 2.0):
+        with pytest.raises(ValueError, match="split_k"):
+            gpu.grouped_matmul(x, node["weight"], gs, node["scale"], block_k=64, split_k=bad, interpret=True)
+
+
+def test_dispatch_gradients_with_split_k():
+    """The custom_vjp with a split-K forward (decode shapes: the automatic split, and a forced one through
+    `launch`): value and dx (the transposed-weight kernel, unsplit) and dw (bf16 weight) == the reference's."""
+    N, K, O, sizes, x, node, gs = _decode_case(K=512, O=128, fmt="bf16", seed=13)
+    ct = jnp.asarray(np.random.default_rng(14).standard_normal((N, O), np.float32))
+    assert gpu.decode_split_k(N, len(sizes), O, K, block_n=128, block_k=64) > 1
+
+    def grads(backend, launch=None):
+        loss = lambda x, w: jnp.sum(gm.grouped_matmul(x, {"weight": w}, gs, backend=backend, launch=launch) * ct)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, node["weight"])
+
+    v_ref, g_ref = grads("reference")
+    for launch in (None, {"split_k": 2, "block_n": 64}):
+        v, g = grads("gpu", launch)
+        np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
+        for a, b in zip(g, g_ref):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.abs(b).max() > 0 and np.linalg.norm(a - b) / np.linalg.norm(b) < 4e-3
+        assert not np.asarray(g[0])[sum(sizes):].any()
+    # the forward through the dispatch == the kernel called directly with the same split
+    y = gm.grouped_matmul(x, node, gs, backend="gpu", launch={"split_k": 2})
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(gpu.grouped_matmul(x, node["weight"], gs, split_k=2,
+                                                                               interpret=True)))
+
+
+def _lower_cuda(f, *args):
+    exp = export.export(jax.jit(f), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    return exp(*args).mlir_module()
+
+
+def test_gpu_kernel_split_k_lowers_for_cuda():
+    """Pallas -> Triton lowering with split-K at the Flash decode shapes (E = 256, w1/w3 [2048, 4096], w2
+    [4096, 2048], FP4; batch 1, 8, 32 = 6, 48, 192 rows): the automatic decode launch (split 8 / 4 at batch 1),
+    forced splits for FP8 and bf16 weights and the FP4 decode variants."""
+    E = 256
+    gs = jax.ShapeDtypeStruct((E,), jnp.int32)
+    fp4 = lambda O, K: (jax.ShapeDtypeStruct((E, O, K // 2), jnp.int8),
+                        jax.ShapeDtypeStruct((E, O, K // 32), jnp.float8_e8m0fnu))
+    for (O, K), auto in (((2048, 4096), 8), ((4096, 2048), 4)):
+        w, s = fp4(O, K)
+        for n in (6, 48, 192):
+            x = jax.ShapeDtypeStruct((n, K), jnp.bfloat16)
+            mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16), x, w, gs, s)
+            assert "triton" in mlir and (f"grouped_matmul_fp4_split{auto}" in mlir) == (n == 6)
+        x = jax.ShapeDtypeStruct((6, K), jnp.bfloat16)
+        for decode, parity in (("bits", False), ("bits_exp", "permuted"), ("e4m3", True), ("e4m3", "strided")):
+            f = lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, split_k=16,
+                                                      fp4_decode=decode, fp4_parity=parity)
+            assert "grouped_matmul_fp4_split16" in _lower_cuda(f, x, w, gs, s)
+    O, K = 2048, 4096
+    x = jax.ShapeDtypeStruct((6, K), jnp.bfloat16)
+    w8 = jax.ShapeDtypeStruct((E, O, K), jnp.float8_e4m3fn)
+    s8 = jax.ShapeDtypeStruct((E, O // 128, K // 128), jnp.float8_e8m0fnu)
+    assert "grouped_matmul_fp8_split4" in _lower_cuda(
+        lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, split_k=4), x, w8, gs, s8)
+    wb = jax.ShapeDtypeStruct((E, O, K), jnp.bfloat16)
+    assert "grouped_matmul_bf16_split8" in _lower_cuda(
+        lambda x, w, g: gpu.grouped_matmul(x, w, g, out_dtype=jnp.bfloat16), x, wb, gs)
+    wt = jax.ShapeDtypeStruct((E, K, O), jnp.bfloat16)                     # transposed weight (dx), forced split
+    xt = jax.ShapeDtypeStruct((6, K), jnp.bfloat16)
+    assert "grouped_matmul_bf16_split2" in _lower_cuda(
+        lambda x, w, g: gpu.grouped_matmul(x, w, g, transpose_w=True, split_k=2), xt, wt, gs)

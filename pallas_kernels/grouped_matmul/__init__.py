@@ -32,22 +32,22 @@ def _ref_node(x, w, scale, group_sizes, out_dtype):
     return y.astype(out_dtype)
 
 
-def _kernel(x, w, scale, group_sizes, out_dtype, transpose_w=False):
+def _kernel(x, w, scale, group_sizes, out_dtype, transpose_w=False, launch=()):
     from . import gpu
     return gpu.grouped_matmul(x, w, group_sizes, scale, transpose_w=transpose_w, out_dtype=out_dtype,
-                              interpret=jax.default_backend() == "cpu")
+                              interpret=jax.default_backend() == "cpu", **dict(launch))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(x, w, scale, group_sizes, out_dtype):
-    return _kernel(x, w, scale, group_sizes, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gmm(x, w, scale, group_sizes, out_dtype, launch):
+    return _kernel(x, w, scale, group_sizes, out_dtype, launch=launch)
 
 
-def _fwd(x, w, scale, group_sizes, out_dtype):
-    return _kernel(x, w, scale, group_sizes, out_dtype), (x, w, scale, group_sizes)
+def _fwd(x, w, scale, group_sizes, out_dtype, launch):
+    return _kernel(x, w, scale, group_sizes, out_dtype, launch=launch), (x, w, scale, group_sizes)
 
 
-def _bwd(out_dtype, res, g):
+def _bwd(out_dtype, launch, res, g):
     x, w, scale, group_sizes = res
     if scale is None:
         # dx[r] = dy[r] @ w[g(r)]: the kernel with the weight read as [E, in, out] (dy rounded to x's dtype, bf16)
@@ -71,7 +71,7 @@ _gmm.defvjp(_fwd, _bwd)
 
 
 def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str | None = None,
-                   out_dtype=jnp.float32) -> jax.Array:
+                   out_dtype=jnp.float32, launch: dict | None = None) -> jax.Array:
     """x [N, in] (rows sorted by group), w_node = {"weight": [E, out, in], optional "scale"} (or a bare weight
     array), group_sizes [E] int32 -> [N, out] in out_dtype (fp32 by default); rows past sum(group_sizes) are 0.
 
@@ -82,7 +82,9 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
 
     backend: None picks by platform ("gpu": the Pallas/Triton kernel of gpu.py on NVIDIA GPUs, "reference":
     `jax.lax.ragged_dot` elsewhere); a non-bf16 x always takes the reference (the kernel multiplies bf16).
-    The "gpu" backend asked for on CPU runs in Pallas interpret mode.
+    The "gpu" backend asked for on CPU runs in Pallas interpret mode. launch: launch options of the forward kernel
+    (`gpu.grouped_matmul`'s block_m ... split_k, e.g. {"split_k": 4}; default: its automatic choice, which at decode
+    splits K over programs, `gpu.decode_split_k`); the backward's kernels keep their own defaults.
 
     Differentiable (jax.custom_vjp) w.r.t. x and a bf16/fp32 weight: dx by the same kernel with the weight read
     transposed; dw of a bf16 weight by the Pallas weight-gradient kernel (`gpu.grouped_matmul_dw`, fp32
@@ -97,4 +99,4 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     group_sizes = group_sizes.astype(jnp.int32)
     if backend == "reference" or x.dtype != jnp.bfloat16:
         return _ref_node(x, w, scale, group_sizes, out_dtype)
-    return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype))
+    return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype), tuple(sorted((launch or {}).items())))

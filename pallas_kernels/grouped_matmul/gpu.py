@@ -13,6 +13,27 @@ sum(group_sizes) form one more pseudo-group whose tiles store zeros. The out-til
 the programs running together share one x row tile per 16 (Flash) out tiles and the weights of the 2-3 experts
 in flight, which L2 holds, so x is read from memory once and each expert's weight about once.
 
+Split-K (launch option split_k = s > 1; the decode default, see below). At decode the batch's few rows fall into
+many groups of 1-2 rows: one row tile per non-empty expert, so batch 1 (6 rows) on Flash w1 [2048, 4096] has
+6 x 16 = 96 programs for 132 SMs, each running a 32-step K loop whose weight tile is decoded in registers between
+the loads. Such a loop is latency-bound (one 4-warp program per SM cannot hide the load -> decode -> dot chain):
+~100 us per call where the weight bytes need ~10-15 us. With s > 1 the grid is (out tiles, row tiles, s); program
+(j, t, ks) runs the K steps [ks * K/(s*block_k), (ks+1) * K/(s*block_k)) -- ranges of whole block_k steps, so they
+stay aligned to the FP8 128-blocks and FP4 32-blocks of the scales (block_k divides 128 / is a multiple of 32) and
+to the per-block_k column permutation of fp4_parity="permuted" -- and stores its fp32 [block_m, block_n] partial,
+masked to its group's rows, into partial[ks] of an fp32 [s, N, O] buffer (the tail pseudo-group stores zeros, so
+rows past sum(group_sizes) sum to exactly 0; every element of the buffer is written once). The wrapper sums the s
+partials in a fixed order (ks = 0, 1, ...: deterministic, no atomics) in fp32 and rounds to out_dtype (bf16 by
+reduce_precision, a rounding XLA keeps). Every weight byte is still loaded exactly once; x is re-read once per
+out tile as before. Grid order: the split axis is the slowest, so within one K range the order is the unsplit
+kernel's -- the programs in flight are the out tiles of consecutive row tiles at the same K range, so a group's
+row tiles (a group with more than block_m rows) read the same weight tile within ~O/block_n programs of each
+other (in L2), and the x row tile is shared by the out tiles in flight. (Split fastest would put the K ranges of
+one weight tile side by side, but no program shares a K range with its neighbour then, and a group's row tiles
+would be s times further apart.) The cost: 8 * s * N * O bytes of fp32 partials written and re-read, small next
+to the weights at decode (batch 1: 6 rows). `decode_split_k` picks s at decode (about 4 programs per SM, at least
+2 K steps per program); elsewhere s = 1, the unsplit kernel, bit-identical to the kernel before split-K.
+
 Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
   * bf16: used as is.
   * FP8 e4m3 + E8M0 per-128x128 block scales ([E, ceil(out/128), ceil(in/128)], passed as fp32): the weight tile
@@ -86,6 +107,37 @@ DEFAULTS = {"bf16": (128, 256, 64, 8, 4, False), "fp8": (256, 128, 64, 8, 3, Tru
 DECODE_DEFAULTS = {"bf16": (16, 128, 64, 4, 4, True), "fp8": (16, 128, 128, 4, 3, True),
                    "fp4": (16, 128, 128, 4, 3, True)}
 DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
+SMS = 132                        # streaming multiprocessors (H100 SXM and H200)
+DECODE_WAVES = 4                 # decode_split_k's target: programs per SM
+W_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2, "fp4": 0.5 + 1 / 32}   # bytes read per weight (with scales)
+
+
+def decode_split_k(N: int, E: int, O: int, K: int, *, block_n: int, block_k: int, w_bytes: float = W_BYTES["fp4"],
+                   sms: int = SMS, waves: int = DECODE_WAVES, min_steps: int = 2) -> int:
+    """The K split of the decode launch (a pure function of static shapes): N rows over E groups, weight [out=O,
+    in=K] of `w_bytes` bytes per weight, block_n x block_k tiles.
+
+    Without a split there are about busy = min(N, E) working row tiles (at decode nearly every non-empty group is
+    one 16-row tile and there are at most N non-empty groups) times ceil(O / block_n) out tiles. The rule: the
+    smallest divisor s of the K steps (K / block_k) that gives busy * out tiles * s >= waves * sms programs
+    (default 4 per SM: 4-warp programs, 16 warps per SM to hide the latency of the in-register weight decode),
+    keeping at least `min_steps` K steps per program and the fp32 partials (written then re-read,
+    8 * s * N * O bytes) at most half the weight bytes read (busy * O * K * w_bytes); if the target cannot be
+    reached, the largest s those limits allow. Flash (FP4, 16 x 128 x 128 decode tiles, E = 256 or 128): batch 1
+    (N = 6) w1/w3 [2048, 4096] -> 8 (768 programs of 4 K steps), w2 [4096, 2048] -> 4 (768 of 4); batch 4
+    (N = 24) -> 2 and 1; batch >= 8 (N >= 48) -> 1 (enough row tiles already)."""
+    steps = K // block_k
+    if N <= 0 or E <= 0 or steps <= 0:
+        return 1
+    busy = min(N, E)
+    programs = busy * -(-O // block_n)
+    best = 1
+    for s in range(2, steps // max(min_steps, 1) + 1):
+        if programs * best >= waves * sms or 16 * s * N > busy * K * w_bytes:
+            break
+        if steps % s == 0:
+            best = s
+    return best
 
 
 def num_tiles(N: int, E: int, block_m: int) -> int:
@@ -177,7 +229,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False):
+            fp4_parity=False, split_k=1):
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
     else:
@@ -197,7 +249,12 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     wcol = cols if O % bn == 0 else jnp.minimum(cols, O - 1)
     wc = wcol[:, None]                                                 # [bn, 1]
     mask = (rows < rend)[:, None] & (cols < O)[None, :]
-    o_at = o_ref.at[rows[:, None], cols[None, :]]
+    steps = K // bk // split_k                                         # K steps of this program
+    if split_k > 1:                                                    # K split: steps [s * steps, (s+1) * steps)
+        ks = pl.program_id(2)
+        o_at = o_ref.at[ks, rows[:, None], cols[None, :]]              # fp32 partial [split_k, N, O]
+    else:
+        o_at = o_ref.at[rows[:, None], cols[None, :]]
 
     def kcols(k0, n):
         return (k0 + iota(n))[None, :]                                 # [1, n]
@@ -237,7 +294,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     @pl.when((rend > row0) & (g < E))
     def _compute():
         def body(kk, acc):
-            k0 = pl.multiple_of(kk * bk, bk)
+            k0 = pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
             if fmt == "fp4" and fp4_parity:                            # two dots: even k, odd k
                 (w_ev, w_od), (x_ev, x_od) = fp4_halves(k0), x_halves(k0)
                 return mm(mm(acc, w_ev, x_ev), w_od, x_od)
@@ -247,7 +304,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
                 return acc + jnp.dot(xt, wt, preferred_element_type=f32)
             return mm(acc, weight_tile(k0), xt)
 
-        acc = jax.lax.fori_loop(0, K // bk, body, jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32))
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32))
         if w_lhs:
             acc = acc.T
         pltriton.store(o_at, acc.astype(o_ref.dtype), mask=mask)
@@ -269,11 +326,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "interpret"))
+                                             "split_k", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
-                   fp4_decode: str = "e4m3", fp4_parity: bool | str = False, interpret: bool = False):
+                   fp4_decode: str = "e4m3", fp4_parity: bool | str = False, split_k: int | None = None,
+                   interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -282,6 +340,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     take its A operand from registers, B only from shared memory); ignored with transpose_w.
     Launch parameters left None take the format's DEFAULTS, or DECODE_DEFAULTS when there are fewer than
     DECODE_ROWS_PER_GROUP rows per group on average (decode).
+    split_k: K split over programs (see the module docstring), a divisor of the K steps in / block_k; None = 1,
+    or `decode_split_k` with the decode launch. split_k = 1 is the unsplit kernel (output written in-kernel).
     FP4 decode variants (opt-in launch options, ignored for other formats; see the module docstring): fp4_decode
     "e4m3" (default), "bits" (bit-identical tiles) or "bits_exp" (integer ops only; E8M0 codes 2..252);
     fp4_parity False (default: the interleaved [block_n, block_k] tile), True (= "split"), "strided" or "permuted"
@@ -293,7 +353,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         raise ValueError(f"grouped_matmul(gpu): fp4_parity={fp4_parity!r}, not one of {FP4_PARITIES}")
     fp4_parity = "split" if fp4_parity is True else fp4_parity
     fmt = weight_format(w, scale)
-    table = DECODE_DEFAULTS if x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w else DEFAULTS
+    decode = x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w
+    table = DECODE_DEFAULTS if decode else DEFAULTS
     d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
@@ -323,6 +384,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     if K % bk or (fmt == "fp8" and 128 % bk) or (fmt == "fp4" and bk % 32):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
+    if split_k is None:
+        split_k = decode_split_k(N, E, O, K, block_n=bn, block_k=bk, w_bytes=W_BYTES[fmt]) if decode else 1
+    if not isinstance(split_k, int) or split_k < 1 or (K // bk) % split_k:
+        raise ValueError(f"grouped_matmul(gpu): split_k={split_k!r} does not divide the {K // bk} K steps "
+                         f"(in={K}, block_k={bk})")
     meta = tile_map(group_sizes, N, bm)
     args = [meta, x, w]
     if fmt == "fp8":
@@ -334,17 +400,26 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
             args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
                                w_lhs=bool(w_lhs) and not transpose_w, fp4_decode=fp4_decode,
-                               fp4_parity=fp4_parity if fmt == "fp4" else False)
-    return pl.pallas_call(
+                               fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k)
+    split = split_k > 1
+    out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(O, bn), meta.shape[1]),
+        grid=(pl.cdiv(O, bn), meta.shape[1]) + ((split_k,) if split else ()),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
-        out_shape=jax.ShapeDtypeStruct((N, O), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((split_k, N, O) if split else (N, O), f32 if split else out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"grouped_matmul_{fmt}",
+        name=f"grouped_matmul_{fmt}" + (f"_split{split_k}" if split else ""),
     )(*args)
+    if not split:
+        return out
+    y = out[0]
+    for i in range(1, split_k):                  # fixed order (deterministic), one fused XLA elementwise kernel
+        y = y + out[i]
+    if jnp.dtype(out_dtype) == jnp.bfloat16:     # RNE to bf16 that XLA keeps (as quant.round_to)
+        y = jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=7)
+    return y.astype(out_dtype)
 
 
 def _dw_kernel(se_ref, x_ref, dy_ref, o_ref, *, N, I, O, bo, bi, br):
