@@ -11,9 +11,15 @@ At decode sizes (2 to `pallas_kernels.linear.MAX_ROWS` rows) on an NVIDIA GPU, a
 kernel `pallas_kernels.linear`: it reads each FP8/bf16 weight byte once and decodes it in registers, where XLA
 would write a dequantised copy of the weight first and then call cuBLAS (5 bytes moved per FP8 parameter instead of
 1). Same numerics (fp32 accumulation of exact products; fp32 inputs split exactly into three bf16 parts).
+
+Above that range on an NVIDIA GPU, fp32 linears with a bf16 weight (`linear_f32`: head, MTP head, compressor,
+router -- all bf16 parameters, see params.py) run `split_matmul`: bf16 tensor-core GEMMs on exact bf16 parts of
+the fp32 operands instead of a true fp32 GEMM (no tensor cores on H100), with a custom VJP; the same product up to
+fp32 summation order (details in its docstring). Off GPU, and for fp32 / FP8 / FP4 weights, nothing changes.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import linear as skinny
+from pallas_kernels._backend import platform_backend
 
 from . import quant
 from .config import ModelConfig
 
 f32 = jnp.float32
+bf16 = jnp.bfloat16
 
 
 def act_dtype(cfg: ModelConfig):
@@ -62,6 +70,8 @@ def _linear(x: jax.Array, node: dict, dt) -> jax.Array:
     """x @ W^T in fp32 (x already in its compute dtype dt: bf16, or fp32 for the fp32 linears)."""
     if uses_skinny(x, node):
         return skinny.linear(x, node, out_dtype=f32)
+    if uses_split(x, node, dt):
+        return split_matmul(x, node["weight"])
     return _matmul(x, weight(node, dt))
 
 
@@ -79,6 +89,10 @@ def linear_bf16(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
 
 
 def linear_f32(node: dict, x: jax.Array) -> jax.Array:
+    """fp32 x @ W^T (spec: fp32 inputs and math). A bf16 x is already exact in fp32: on the `split_matmul` path it
+    goes in as bf16 (one GEMM instead of three, the same products); elsewhere it is upcast first."""
+    if x.dtype == bf16 and uses_split(x, node, f32):
+        return split_matmul(x, node["weight"])
     return _linear(x.astype(f32), node, f32)
 
 
@@ -87,6 +101,133 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(f32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return quant.round_to(y * w.astype(f32), x.dtype)
+
+
+# ---- fp32 linears as bf16 tensor-core GEMMs ---------------------------------------------------------------
+def split_backend() -> str:
+    """"gpu" where `_linear` runs fp32 x bf16-weight products as `split_matmul` (NVIDIA GPUs, unless
+    V4JAX_KERNELS=reference), else "reference" (the fp32 einsum). Tests monkeypatch this."""
+    return platform_backend(("reference", "gpu"))
+
+
+def uses_split(x: jax.Array, node: dict, dt) -> bool:
+    """Whether an fp32-compute linear (dt fp32: `linear_f32`, and also `linear_fp8`/`linear_bf16` under
+    compute_dtype="float32") runs `split_matmul`: the split backend is "gpu", the weight is a plain bf16 [O, K]
+    matrix, and there are more rows than the skinny decode kernel serves (up to MAX_ROWS rows it, or XLA's one-row
+    reduction, keeps priority). FP8/FP4 weights keep their dequantise-then-GEMM path. fp32 weights (none of the
+    model's linears has one: params.py stores head, compressor and router weights bf16, and training feeds the
+    model the bf16 rounding of its fp32 masters) keep the fp32 einsum: splitting both operands would take ~6 bf16
+    products per pair for fp32 accuracy, and only bf16 weights are exact as one part."""
+    w = node["weight"]
+    return (jnp.dtype(dt) == f32 and "scale" not in node and w.dtype == bf16 and w.ndim == 2
+            and math.prod(x.shape[:-1]) > skinny.MAX_ROWS and split_backend() == "gpu")
+
+
+def split_parts(a: jax.Array) -> list[jax.Array]:
+    """Exact bf16 parts of a: [a] for bf16; for fp32 [hi, mid, lo] with hi = bf16(a), mid = bf16(a - hi),
+    lo = bf16(a - hi - mid) (round to nearest even), hi + mid + lo == a exactly. Why exact: a float32 has 24
+    significant bits, a bf16 8; each subtraction is exact in fp32 (Sterbenz: the rounding is close to the value) and
+    each remainder has at most 16, then 8 significant bits, so lo holds the rest without rounding. |mid| <= 2^-8 |a|,
+    |lo| <= 2^-16 |a|. Exceptions: |a| < 2^-103 (~1e-31), where a remainder can fall below 2^-126 and XLA (CPU
+    and GPU) flushes such fp32/bf16 subnormals to zero -- the parts then miss < 2^-126 in absolute value, checked
+    on CPU --; |a| above bf16's max ~3.39e38 (hi overflows); non-finite a (NaN parts). The roundings go through
+    `quant.round_to` (reduce_precision): a plain f32 -> bf16 -> f32 cast pair may be dropped by XLA as excess
+    precision, which would make mid and lo zero."""
+    if a.dtype == bf16:
+        return [a]
+    if a.dtype != f32:
+        raise TypeError(f"split_parts: bf16 or fp32 input expected, got {a.dtype}")
+    hi = quant.round_to(a, bf16)
+    r = a - hi.astype(f32)
+    mid = quant.round_to(r, bf16)
+    lo = quant.round_to(r - mid.astype(f32), bf16)
+    return [hi, mid, lo]
+
+
+def _dot(a, b, ca: int, cb: int) -> jax.Array:
+    """One bf16 GEMM with fp32 accumulation: a [N, C] x b (C on axis cb) -> [N, D] fp32 (exact products)."""
+    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=f32)
+
+
+def _parts_dot(a: jax.Array, b: jax.Array, cb: int, stack: str | None) -> jax.Array:
+    """sum_p part_p(a) @ b for a [N, C] bf16/fp32 (its parts from `split_parts`) and a bf16 b with C on axis cb,
+    as ONE GEMM -> fp32 [N, D]. Three parts are stacked either
+      "rows":  [hi; mid; lo] as 3N rows -> [3N, D], summed (hi + mid) + lo in fp32 afterwards;
+      "inner": [hi | mid | lo] along C against b repeated 3x along C -> [N, D] from one fp32 accumulation.
+    Both are the exact-products sum, up to fp32 summation order. Default (None): the one moving fewer extra bytes
+    -- "rows" writes and re-reads three fp32 outputs (~24 N D bytes), "inner" writes and re-reads a 3x copy of b
+    (~12 C D bytes) -- i.e. "inner" iff C < 2N (the head forward at N >= 2048 rows; "rows" for its dx)."""
+    ps = split_parts(a)
+    if len(ps) == 1:
+        return _dot(ps[0], b, 1, cb)
+    N, C = a.shape
+    stack = stack or ("inner" if C < 2 * N else "rows")
+    if stack == "inner":
+        return _dot(jnp.concatenate(ps, axis=1), jnp.concatenate([b] * 3, axis=cb), 1, cb)
+    if stack != "rows":
+        raise ValueError(f"split_matmul: stack must be None, 'rows' or 'inner', got {stack!r}")
+    y = _dot(jnp.concatenate(ps, axis=0), b, 1, cb)
+    return (y[:N] + y[N:2 * N]) + y[2 * N:]
+
+
+def _dw(g: jax.Array, x: jax.Array) -> jax.Array:
+    """g^T x in fp32 for fp32 g [N, O] and bf16/fp32 x [N, K] -> [O, K], as ONE GEMM over the stacked part pairs
+    of combined order <= 1 ("bf16x3"): g_hi x_hi + g_hi x_mid + g_mid x_hi (bf16 x: g_hi x + g_mid x). The dropped
+    pairs are each <= ~2^-16 |g_n x_n|, so |error| <= ~3 * 2^-16 * sum_n |g_n||x_n| (+ fp32 accumulation rounding),
+    2^-16 for bf16 x -- far below the bf16 rounding of the weight gradient (up to 2^-8 relative)."""
+    gp, xp = split_parts(g)[:2], split_parts(x)
+    pairs = [(i, j) for i in range(len(gp)) for j in range(len(xp)) if i + j <= 1]
+    lhs = jnp.concatenate([gp[i] for i, _ in pairs], axis=0)           # [P*N, O]
+    rhs = jnp.concatenate([xp[j] for _, j in pairs], axis=0)           # [P*N, K]
+    return _dot(lhs, rhs, 0, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_matmul2(x, w, stack):
+    return _parts_dot(x, w, 1, stack)
+
+
+def _split_matmul2_fwd(x, w, stack):
+    return _parts_dot(x, w, 1, stack), (x, w)
+
+
+def _split_matmul2_bwd(stack, res, g):
+    x, w = res
+    g = g.astype(f32)
+    dx = _parts_dot(g, w, 0, stack)                      # g [N, O] @ w [O, K]: exact products (3 parts of g)
+    return quant.round_to(dx, x.dtype), quant.round_to(_dw(g, x), w.dtype)
+
+
+_split_matmul2.defvjp(_split_matmul2_fwd, _split_matmul2_bwd)
+
+
+def split_matmul(x: jax.Array, w: jax.Array, *, stack: str | None = None) -> jax.Array:
+    """x [..., K] (fp32, or bf16) @ w[O, K]^T for a bf16 w -> fp32 [..., O]: an fp32 linear on bf16 tensor cores.
+
+    Why: on H100 a true fp32 GEMM (einsum precision HIGHEST) runs without tensor cores; the fp32 linears (head,
+    compressor, router) were ~44% of a training step. Their weights are bf16, so only x needs splitting.
+
+    Forward: x = hi + mid + lo exactly (`split_parts`; a bf16 x is its own single part), so x @ w^T is the sum of
+    three bf16 x bf16 products, each exact in fp32, accumulated in fp32: the fp32 einsum's result up to fp32
+    summation order (relative to sum_k |x_k w_k|: ~1e-7, not bf16's 4e-3). One GEMM on the stacked parts
+    (`_parts_dot`; `stack` forces "rows" or "inner", default by shape), a bf16 x takes one plain GEMM.
+
+    Backward (jax.custom_vjp, residuals x and w):
+      dx = g @ w with the fp32 cotangent g split the same way: exact products, fp32 -- as the fp32 einsum's dx up to
+           summation order; returned in x's dtype (a bf16 x gets the RNE of it, as the cotangent of an upcast).
+      dw = g^T x: both operands fp32, so "bf16x3" (`_dw`): error <= ~3 * 2^-16 * sum_n |g_n x_n| before the
+           result is rounded (RNE) to w's dtype bf16 -- the same rounding the fp32 path's weight upcast applies.
+    Leading dims of x are flattened around the custom VJP. Cost: forward 3 bf16 GEMM units (1 for bf16 x), dx 3,
+    dw 3 (2): 9 units against 3 fp32 units, with bf16 tensor cores ~15x faster than fp32 on H100."""
+    if w.dtype != bf16 or w.ndim != 2:
+        raise TypeError(f"split_matmul: weight must be bf16 [O, K], got {w.dtype} {w.shape}")
+    if x.dtype not in (bf16, f32):
+        x = x.astype(f32)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"split_matmul: x {x.shape} does not end in K={w.shape[1]} (weight {w.shape})")
+    lead = x.shape[:-1]
+    y = _split_matmul2(x.reshape(-1, x.shape[-1]), w, stack)
+    return y.reshape(*lead, w.shape[0])
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""`layers.split_matmul`: fp32 (or bf16) x times a bf16 weight as bf16 GEMMs on exact bf16 parts, custom VJP.
+
+Runs on CPU: the tests call split_matmul directly (the model only takes it on GPU) and check it against float64
+numpy. Tolerances (relative to the summation scale sum_k |x_k w_k|, which bounds any summation-order effect):
+  forward and dx   <= 2^-20 (fp32 accumulation rounding; the split itself is exact), vs up to 2^-8 for x rounded to bf16;
+  dw before its bf16 rounding  <= 4 * 2^-16 (bf16x3: three dropped pair terms of <= 2^-16 each, + accumulation);
+  dw as returned (bf16)        <= that + one bf16 half-ulp (<= 2^-8 relative) of the fp32 value.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import linear as skinny
+from v4jax import layers, quant
+
+f32, bf16 = jnp.float32, jnp.bfloat16
+TIGHT = 2.0 ** -20
+
+
+def _x(shape, seed, wide=True):
+    """fp32 values with random signs spanning many binades (2^-40 .. 2^20) when wide, plus tiny ones."""
+    r = np.random.default_rng(seed)
+    v = r.standard_normal(shape)
+    if wide:
+        v = v * np.exp2(r.integers(-40, 21, shape))
+        flat = v.reshape(-1)
+        flat[:: 7] = r.standard_normal(flat[:: 7].shape) * 1e-30        # tiny, still normal in bf16 (2^-100)
+    return jnp.asarray(v, f32)
+
+
+def _w(O, K, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((O, K)) * 0.05, bf16)
+
+
+def _np(a):
+    return np.asarray(jnp.asarray(a, f32), np.float64)
+
+
+def _rel(got, exact, scale):
+    """max |got - exact| / scale, elementwise, with the summation scale floored away from 0."""
+    return float((np.abs(_np(got) - exact) / np.maximum(scale, 1e-300)).max())
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_split_parts_are_exact(jit):
+    x = _x((64, 96), seed=1)
+    x = x.at[0, :6].set(jnp.asarray([3.0e38, -1.7e-38, 2.0 ** -100 * 1.2345678, 0.0, 2.0 ** -103 * (1 + 2.0 ** -23),
+                                     -(2.0 ** -105) * (1 + 2.0 ** -22)], f32))
+    f = jax.jit(layers.split_parts) if jit else layers.split_parts
+    hi, mid, lo = f(x)
+    assert hi.dtype == mid.dtype == lo.dtype == bf16
+    total, ax = _np(hi) + _np(mid) + _np(lo), np.abs(_np(x))                 # float64 sum: exact
+    normal = ax >= 2.0 ** -103                       # below, remainders < 2^-126 are flushed (subnormals)
+    assert normal.sum() > 0.9 * x.size and (~normal).sum() > 0
+    np.testing.assert_array_equal(total[normal], _np(x)[normal])
+    assert (np.abs(total - _np(x))[~normal] < 2.0 ** -126).all()
+    assert (np.abs(_np(mid)) <= 2.0 ** -8 * ax).all() and (np.abs(_np(lo)) <= 2.0 ** -16 * ax).all()
+    assert np.count_nonzero(_np(mid)) > x.size // 2 and np.count_nonzero(_np(lo)) > x.size // 2
+    (only,) = layers.split_parts(x.astype(bf16))                                  # bf16: its own part
+    assert only.dtype == bf16
+
+
+@pytest.mark.parametrize("stack", [None, "rows", "inner"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_forward_matches_float64(stack, jit):
+    O, K, M = 48, 320, 40
+    w = _w(O, K, seed=2)
+    x = _x((M, K), seed=3)
+    f = jax.jit(layers.split_matmul, static_argnames="stack") if jit else layers.split_matmul
+    y = f(x, w, stack=stack)
+    assert y.dtype == f32 and y.shape == (M, O)
+    W = _np(w)
+    exact = _np(x) @ W.T
+    scale = np.abs(_np(x)) @ np.abs(W).T
+    assert _rel(y, exact, scale) < TIGHT
+    # what the split buys: x rounded to bf16 alone is ~2^-9 off (up to 2^-8)
+    assert _rel(_np(x.astype(bf16)) @ W.T, exact, scale) > 2.0 ** -12
+    # and the fp32 einsum (the path it replaces) agrees to the same tolerance
+    assert _rel(layers._matmul(x, w.astype(f32)), exact, scale) < TIGHT
+
+
+def test_bf16_x_single_gemm_and_leading_dims():
+    O, K = 32, 256
+    w = _w(O, K, seed=4)
+    x = _x((2, 3, 5, K), seed=5).astype(bf16)
+    y = jax.jit(layers.split_matmul)(x, w)
+    assert y.shape == (2, 3, 5, O) and y.dtype == f32
+    exact = _np(x) @ _np(w).T
+    assert _rel(y, exact, np.abs(_np(x)) @ np.abs(_np(w)).T) < TIGHT
+    # one dot_general in the forward: bf16 x is not split
+    jaxpr = jax.make_jaxpr(layers.split_matmul)(x, w)
+    assert str(jaxpr).count("dot_general") == 1
+
+
+@pytest.mark.parametrize("xdt", [f32, bf16])
+@pytest.mark.parametrize("stack", [None, "rows", "inner"])
+def test_gradients_match_float64(xdt, stack):
+    O, K, lead = 40, 288, (3, 24)
+    w = _w(O, K, seed=6)
+    x = _x(lead + (K,), seed=7, wide=(xdt == f32)).astype(xdt)
+    ct = _x(lead + (O,), seed=8)                                          # a cotangent spanning many binades
+
+    def loss(x, w):
+        return jnp.sum(layers.split_matmul(x, w, stack=stack) * ct)
+
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    assert dx.dtype == xdt and dx.shape == x.shape and dw.dtype == bf16 and dw.shape == w.shape
+    G, X, W = _np(ct).reshape(-1, O), _np(x).reshape(-1, K), _np(w)
+    dx_exact = (G @ W).reshape(x.shape)
+    dx_scale = (np.abs(G) @ np.abs(W)).reshape(x.shape)
+    if xdt == f32:
+        assert _rel(dx, dx_exact, dx_scale) < TIGHT
+    else:                                                                 # rounded to bf16 as the cotangent
+        assert _rel(dx, dx_exact, np.abs(dx_exact)) <= 2.0 ** -8 + TIGHT
+    dw_exact, dw_scale = G.T @ X, np.abs(G).T @ np.abs(X)
+    dw32 = jax.jit(layers._dw)(jnp.asarray(G, f32), x.reshape(-1, K))
+    err32 = _rel(dw32, dw_exact, dw_scale)
+    assert err32 < 4 * 2.0 ** -16
+    if xdt == bf16:
+        assert err32 < 2 * 2.0 ** -16
+    bound = 2.0 ** -8 * np.abs(dw_exact) + (1 + 2.0 ** -8) * 4 * 2.0 ** -16 * dw_scale  # bf16 RNE + bf16x3
+    assert (np.abs(_np(dw) - dw_exact) <= bound).all()
+    # the same VJP through jax.vjp, unjitted
+    _, vjp = jax.vjp(lambda x, w: layers.split_matmul(x, w, stack=stack), x, w)
+    dx2, dw2 = vjp(ct)
+    np.testing.assert_allclose(_np(dx2), _np(dx), rtol=2.0 ** -18, atol=0)
+    np.testing.assert_allclose(_np(dw2), _np(dw), rtol=2.0 ** -7, atol=0)
+
+
+def test_gradients_close_to_fp32_einsum():
+    """The path it replaces: the same gradients up to summation order (dw: up to bf16 rounding flips)."""
+    O, K, M = 64, 128, 96
+    w = _w(O, K, seed=9)
+    x = _x((M, K), seed=10, wide=False)
+    ct = _x((M, O), seed=11, wide=False)
+    new = jax.grad(lambda x, w: jnp.sum(layers.split_matmul(x, w) * ct), argnums=(0, 1))(x, w)
+    old = jax.grad(lambda x, w: jnp.sum(layers._matmul(x, w.astype(f32)) * ct), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(_np(new[0]), _np(old[0]), rtol=1e-5, atol=1e-6)
+    assert np.abs(_np(new[1]) - _np(old[1])).max() <= 2.0 ** -8 * np.abs(_np(old[1])).max()
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError):
+        layers.split_matmul(jnp.zeros((4, 8), f32), jnp.zeros((3, 8), f32))
+    with pytest.raises(ValueError):
+        layers.split_matmul(jnp.zeros((4, 8), f32), jnp.zeros((3, 9), bf16))
+    with pytest.raises(ValueError):
+        layers.split_matmul(jnp.ones((4, 8), f32), jnp.zeros((3, 8), bf16), stack="cols")
+
+
+def test_dispatch_picks_split_on_gpu_only(monkeypatch):
+    O, K = 64, 128
+    rows = skinny.MAX_ROWS + 8
+    w = _w(O, K, seed=12)
+    node = {"weight": w}
+    w8, s8 = quant.quantize_fp8_weight(w.astype(f32))
+    node8 = {"weight": w8, "scale": s8}
+    node32 = {"weight": w.astype(f32)}
+    x = _x((2, rows // 2, K), seed=13, wide=False)
+    calls = []
+    real = layers.split_matmul
+    monkeypatch.setattr(layers, "split_matmul", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+
+    assert layers.split_backend() == "reference"                         # CPU: nothing changes
+    layers.linear_f32(node, x)
+    assert not calls
+
+    monkeypatch.setattr(layers, "split_backend", lambda: "gpu")
+    y = layers.linear_f32(node, x)
+    assert calls == [f32] and y.shape == (2, rows // 2, O) and y.dtype == f32
+    exact = _np(x) @ _np(w).T
+    assert _rel(y, exact, np.abs(_np(x)) @ np.abs(_np(w)).T) < TIGHT
+    layers.linear_f32(node, x.astype(bf16))                              # bf16 x goes in unsplit
+    assert calls == [f32, bf16]
+    calls.clear()
+    layers.linear_f32(node8, x)                                          # FP8 weight: its own path
+    layers.linear_f32(node32, x)                                         # fp32 weight: the fp32 einsum
+    layers.linear_f32(node, x[:, :1])                                    # <= MAX_ROWS rows: skinny / einsum
+    assert not calls
+    assert layers.uses_split(x, node, f32) and not layers.uses_split(x, node, bf16)
+    # differentiable through the dispatch
+    g = jax.grad(lambda w: jnp.sum(layers.linear_f32({"weight": w}, x)))(w)
+    assert g.dtype == bf16 and calls
+
+
+def test_reference_env_keeps_einsum(monkeypatch):
+    monkeypatch.setenv("V4JAX_KERNELS", "reference")
+    assert layers.split_backend() == "reference"
