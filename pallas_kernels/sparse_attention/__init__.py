@@ -35,14 +35,26 @@ def _sparse_attention(q, kv, idx, sink, scale, backend):
     return _forward(q, kv, idx, sink, scale, backend)
 
 
+def _kernel_backward(kv, idx, backend) -> bool:
+    """The Pallas backward (gpu_backward.py) serves the "gpu" backend when the pool is long for the lists."""
+    return backend == "gpu" and not use_pool_backward(kv.shape[1], idx.shape[-1])
+
+
 def _fwd(q, kv, idx, sink, scale, backend):
-    return _forward(q, kv, idx, sink, scale, backend), (q, kv, idx, sink)
+    out = _forward(q, kv, idx, sink, scale, backend)
+    # the kernel backward needs the output (D = sum dO * O); the other backward forms recompute what they need
+    return out, (q, kv, idx, sink, out if _kernel_backward(kv, idx, backend) else None)
 
 
 def _bwd(scale, backend, res, g):
-    q, kv, idx, sink = res
+    q, kv, idx, sink, out = res
     if use_pool_backward(kv.shape[1], idx.shape[-1]):
         dq, dkv, dsink = pool_backward(q, kv, idx, sink, scale, g)
+        return dq, dkv, None, dsink
+    if _kernel_backward(kv, idx, backend):
+        from .gpu_backward import sparse_attention_bwd
+        dq, dkv, dsink = sparse_attention_bwd(q, kv, idx, sink, out, g, scale,
+                                              interpret=jax.default_backend() == "cpu")
         return dq, dkv, None, dsink
     _, vjp = jax.vjp(lambda q_, kv_, s_: _reference(q_, kv_, idx, s_, scale), q, kv, sink)
     dq, dkv, dsink = vjp(g)
@@ -62,8 +74,16 @@ def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
     else the split-list path (each list cut into chunks run by separate programs, an exact block-max pre-pass,
     partials combined with the sink; gpu.py).
 
-    Differentiable w.r.t. q, kv and sink through a jax.custom_vjp: the forward runs the chosen backend, the
-    backward is the VJP of the jnp reference (recomputed from the saved inputs, O(S x T) memory).
+    Differentiable w.r.t. q, kv and sink through a jax.custom_vjp: the forward runs the chosen backend; the
+    backward, for every backend but "reference", is
+      * backward.pool_backward (dense matmuls over the pool with list multiplicities) when the pool is at most
+        8x the list (`backward.use_pool_backward`);
+      * on the "gpu" backend with a longer pool: the Pallas/Triton kernel of gpu_backward.py (per query row:
+        recomputed softmax, dq in registers, dkv rows added with fp32 atomics -- dkv's summation order, hence
+        its last bits, is nondeterministic; the forward's output is saved as a residual for D = sum dO * O);
+      * otherwise the VJP of the jnp reference (recomputed from the saved inputs; it gathers [B, S, T, K] rows).
+    All treat the VJP of the reference's bf16 rounding of block probabilities as the identity, except the
+    reference VJP itself (JAX's VJP of reduce_precision rounds the cotangent to bf16).
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
