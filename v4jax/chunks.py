@@ -37,8 +37,11 @@ def token_chunks(fn: Callable, chunk: int, *arrays: jax.Array):
         return fn(0, *arrays)
     n, tail = divmod(S, chunk)
     take = lambda a, s0, c: jax.lax.dynamic_slice_in_dim(a, s0, c, axis=1)
-    shapes = jax.eval_shape(lambda *a: fn(jnp.int32(0), *a), *[take(a, 0, chunk) for a in arrays])
-    bufs = jax.tree.map(lambda s: jnp.zeros((s.shape[0], S) + s.shape[2:], s.dtype), shapes)
+    # the output buffers start as the first chunk's result padded with zeros: they then depend on this call's
+    # inputs, so XLA cannot materialise every layer's zero buffers up front
+    first = fn(0, *[a[:, :chunk] for a in arrays])
+    bufs = jax.tree.map(lambda o: jnp.concatenate([o, jnp.zeros((o.shape[0], S - chunk) + o.shape[2:], o.dtype)],
+                                                  axis=1), first)
 
     def body(i, bufs):
         s0 = i * chunk
@@ -46,7 +49,7 @@ def token_chunks(fn: Callable, chunk: int, *arrays: jax.Array):
         return jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), s0, axis=1),
                             bufs, out)
 
-    bufs = jax.lax.fori_loop(0, n, body, bufs)
+    bufs = jax.lax.fori_loop(1, n, body, bufs)
     if tail:
         s0 = n * chunk
         out = fn(s0, *[a[:, s0:] for a in arrays])
