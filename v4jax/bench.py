@@ -804,7 +804,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     _parsers(sub)
     args = ap.parse_args(argv)
-    return args.func(args)
+    rc = args.func(args)
+    # some subcommands return their results dict: exit 0 for those, not sys.exit(dict)'s status 1
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
