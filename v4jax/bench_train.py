@@ -232,17 +232,23 @@ def _one(cfg, flat, batch, name, args, out, peak):
 
 
 def _newton_schulz(cfg, flat, N, args, out):
-    """Newton-Schulz alone over every Muon leaf (fp32 matmuls, as optim.muon's default)."""
+    """Newton-Schulz alone over every Muon leaf, with fp32 and with bf16 matmuls (the trainer's default,
+    train.NS_DTYPE); the share of the Muon step is that of the trainer's dtype."""
     labels = param_groups({n: flat[n] for n in _spec(cfg, MUON, N).trainable})
     mats = {n: jnp.ones(flat[n].shape, jnp.float32) * 1e-2 + jax.random.normal(jax.random.key(1), flat[n].shape) * 1e-3
             for n, l in labels.items() if l == MUON}
-    ns = jax.jit(lambda ms: {n: newton_schulz(m) for n, m in ms.items()}).lower(mats).compile()
-    dt_ns = _time(lambda: ns(mats), args.steps)
-    out["newton_schulz_ms"] = dt_ns * 1e3
-    if MUON in out["results"]:
-        out["newton_schulz_share_of_muon_step"] = dt_ns / (out["results"][MUON]["step_ms"] / 1e3)
-        print(f"Newton-Schulz (all Muon matrices, fp32) {dt_ns * 1e3:.1f} ms = "
-              f"{out['newton_schulz_share_of_muon_step']:.1%} of the Muon step", flush=True)
+    for dt in ("float32", "bfloat16"):
+        ns = jax.jit(lambda ms, dt=dt: {n: newton_schulz(m, dtype=jnp.dtype(dt)) for n, m in ms.items()}) \
+            .lower(mats).compile()
+        dt_ns = _time(lambda: ns(mats), args.steps)
+        out[f"newton_schulz_{dt}_ms"] = dt_ns * 1e3
+        line = f"Newton-Schulz (all Muon matrices, {dt} matmuls) {dt_ns * 1e3:.1f} ms"
+        if dt == T.NS_DTYPE:
+            out["newton_schulz_ms"] = dt_ns * 1e3
+            if MUON in out["results"]:
+                out["newton_schulz_share_of_muon_step"] = dt_ns / (out["results"][MUON]["step_ms"] / 1e3)
+                line += f" = {out['newton_schulz_share_of_muon_step']:.1%} of the Muon step (the trainer's dtype)"
+        print(line, flush=True)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

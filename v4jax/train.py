@@ -124,7 +124,7 @@ SCHEMA: dict[str, Any] = {
         "final_lr": F("float", None, nullable=True, doc="cosine end (default lr/10)"),
         "decay_start": F("float", None, nullable=True, doc="cosine start as a fraction of steps (default: warmup)"),
         "weight_decay": F("float", 0.1), "clip": F("float", 1.0, nullable=True),
-        "muon": F("dict", {}, doc="extra optim.muon kwargs (momentum, ns_dtype, ...)"),
+        "muon": F("dict", {}, doc="extra optim.muon kwargs (momentum, ns_dtype (default bfloat16), ...)"),
         "adamw": F("dict", {}, doc="extra optax.adamw kwargs (b1, b2, eps)"),
         "row_splits": F("bool", False, doc="Muon per group of wo_a / per compressor half"),
     },
@@ -600,6 +600,12 @@ def _freeze(x):
     return x
 
 
+# Newton-Schulz matmul dtype of the trainer's Muon unless optimizer.muon.ns_dtype says otherwise: bf16, as DeepSeek
+# trained V4 (spec section 7: "NS in BF16 matmuls was found stable"); measured on an H100 at the 1b bench size:
+# fp32 NS was half of the Muon step (docs/benchmarks.md)
+NS_DTYPE = "bfloat16"
+
+
 def build_optimizer(spec: StepSpec, master: dict) -> tuple[optax.GradientTransformation, Callable]:
     name, lr, warmup, schedule, final, decay_start, wd, clip, mk, ak, row_splits, steps = spec.opt
     if schedule == "constant":
@@ -608,7 +614,8 @@ def build_optimizer(spec: StepSpec, master: dict) -> tuple[optax.GradientTransfo
         sched = optim.lr_schedule(lr, warmup, steps, final=lr / 10 if final is None else final,
                                   decay_start_frac=decay_start if decay_start is not None else None)
     muon_kwargs = {**dict(mk), "weight_decay": wd}
-    if "ns_dtype" in muon_kwargs and isinstance(muon_kwargs["ns_dtype"], str):
+    muon_kwargs.setdefault("ns_dtype", NS_DTYPE)
+    if isinstance(muon_kwargs["ns_dtype"], str):
         muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
     if row_splits:
         muon_kwargs["row_splits"] = optim.logical_row_splits(spec.cfg, list(master))
