@@ -17,9 +17,9 @@ Sizes (`--size`): "1b" is a V4-shaped model of ~1.2 B parameters (~0.3 B active)
 indexer, HCA), 2 hash layers, mHC with 4 streams, MTP, 32 experts top-4, head_dim 512 (448 + 64 RoPE), vocab 32K;
 "tiny" is the tiny preset (a CPU smoke check of this script).
 
-Status (2026-11-22, session 3): first H100 numbers at --size 1b: AdamW 752 ms/step (10.9K tokens/s, MFU 2.6%), Muon
-1137 ms (Newton-Schulz 307 ms); `--profile DIR` prints the kernel table (fp32 GEMMs and the sparse-attention backward's
-scatters dominate; docs/benchmarks.md). Scaling table for issue 5 on 2 x H200, not yet run:
+Status (2026-11-22, session 4): H100 at --size 1b: AdamW 297 ms/step (27.6K tokens/s, MFU 6.5%), Muon 437 ms with
+bf16 Newton-Schulz (146 ms, 33% of the step; fp32 NS 304 ms). `--profile DIR` prints the kernel table (fp32 SIMT GEMMs
+~110 ms still, not yet identified; docs/benchmarks.md). Scaling table for issue 5 on 2 x H200, not yet run:
 `python -m v4jax.bench train --size 1b --meshes "1;expert=2;seq=2"`.
 """
 from __future__ import annotations
