@@ -10,6 +10,7 @@ import v4jax
 from pallas_kernels.sparse_attention.reference import sparse_attention
 from v4jax import attention, compressor, hyper, indexer, layers, moe
 from v4jax.model import block_params
+from np_reference import np_sinkhorn
 
 F32 = v4jax.ModelConfig.preset("tiny", quant_sim=False, compute_dtype="float32")
 rng = np.random.default_rng(0)
@@ -57,16 +58,6 @@ def test_rms_norm():
 
 
 # ---- mHC ---------------------------------------------------------------------------------------------------
-def np_sinkhorn(c, iters, eps):
-    c = np.exp(c - c.max(-1, keepdims=True))
-    c = c / c.sum(-1, keepdims=True) + eps
-    c = c / (c.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(-1, keepdims=True) + eps)
-        c = c / (c.sum(-2, keepdims=True) + eps)
-    return c
-
-
 def test_hc_pre_post_head_against_numpy():
     n, D = 4, 32
     X = randn(2, 3, n, D)
