@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import linear as skinny
+from pallas_kernels.linear import reference as skinny_reference
 from pallas_kernels._backend import platform_backend
 
 from . import quant
@@ -89,11 +90,10 @@ def linear_bf16(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
 
 
 def linear_f32(node: dict, x: jax.Array) -> jax.Array:
-    """fp32 x @ W^T (spec: fp32 inputs and math). A bf16 x is already exact in fp32: on the `split_matmul` path it
-    goes in as bf16 (one GEMM instead of three, the same products); elsewhere it is upcast first."""
-    if x.dtype == bf16 and uses_split(x, node, f32):
-        return split_matmul(x, node["weight"])
-    return _linear(x.astype(f32), node, f32)
+    """fp32 x @ W^T (spec: fp32 inputs and math). A bf16 x is already exact in fp32, so it goes down as bf16: the
+    skinny kernel and `split_matmul` then run one bf16 part instead of three (the same products), and the fp32
+    einsum promotes it."""
+    return _linear(x if x.dtype == bf16 else x.astype(f32), node, f32)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -124,24 +124,9 @@ def uses_split(x: jax.Array, node: dict, dt) -> bool:
 
 
 def split_parts(a: jax.Array) -> list[jax.Array]:
-    """Exact bf16 parts of a: [a] for bf16; for fp32 [hi, mid, lo] with hi = bf16(a), mid = bf16(a - hi),
-    lo = bf16(a - hi - mid) (round to nearest even), hi + mid + lo == a exactly. Why exact: a float32 has 24
-    significant bits, a bf16 8; each subtraction is exact in fp32 (Sterbenz: the rounding is close to the value) and
-    each remainder has at most 16, then 8 significant bits, so lo holds the rest without rounding. |mid| <= 2^-8 |a|,
-    |lo| <= 2^-16 |a|. Exceptions: |a| < 2^-103 (~1e-31), where a remainder can fall below 2^-126 and XLA (CPU
-    and GPU) flushes such fp32/bf16 subnormals to zero -- the parts then miss < 2^-126 in absolute value, checked
-    on CPU --; |a| above bf16's max ~3.39e38 (hi overflows); non-finite a (NaN parts). The roundings go through
-    `quant.round_to` (reduce_precision): a plain f32 -> bf16 -> f32 cast pair may be dropped by XLA as excess
-    precision, which would make mid and lo zero."""
-    if a.dtype == bf16:
-        return [a]
-    if a.dtype != f32:
-        raise TypeError(f"split_parts: bf16 or fp32 input expected, got {a.dtype}")
-    hi = quant.round_to(a, bf16)
-    r = a - hi.astype(f32)
-    mid = quant.round_to(r, bf16)
-    lo = quant.round_to(r - mid.astype(f32), bf16)
-    return [hi, mid, lo]
+    """Exact bf16 parts of a bf16 or fp32 array (pallas_kernels.linear.reference.bf16_parts, which the skinny
+    kernel uses too): [a] for bf16, [hi, mid, lo] with hi + mid + lo == a for fp32."""
+    return skinny_reference.bf16_parts(a)
 
 
 def _dot(a, b, ca: int, cb: int) -> jax.Array:

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .reference import bf16_parts
+
 f32 = jnp.float32
 bf16 = jnp.bfloat16
 SMEM_BUDGET = 160 * 1024          # bytes of shared memory the pipelined loads may use (H100: 227 KB per block)
@@ -130,13 +132,7 @@ def _kernel(x_ref, w_ref, *rest, M, bn, bk, steps, mp, w_lhs):
 
 def split3(x: jax.Array) -> jax.Array:
     """fp32 [M, K] -> bf16 [3M, K] = (hi, mid, lo) with hi + mid + lo == x exactly (see the module docstring)."""
-    rnd = lambda v: jax.lax.reduce_precision(v, exponent_bits=8, mantissa_bits=7)   # RNE to bf16, kept by XLA
-    x = x.astype(f32)
-    hi = rnd(x)
-    r = x - hi
-    mid = rnd(r)
-    lo = rnd(r - mid)
-    return jnp.concatenate([hi, mid, lo]).astype(bf16)
+    return jnp.concatenate(bf16_parts(x.astype(f32)))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "splits", "num_warps",

@@ -29,3 +29,24 @@ def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
     dt = compute_dtype(x, w, scale)
     return jnp.einsum("...k,ok->...o", x.astype(dt), dequantize(w, scale, dt), preferred_element_type=f32,
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def bf16_parts(a: jax.Array) -> list[jax.Array]:
+    """Exact bf16 parts of a: [a] for bf16; for fp32 [hi, mid, lo] with hi = bf16(a), mid = bf16(a - hi),
+    lo = bf16(a - hi - mid) (round to nearest even), hi + mid + lo == a exactly. Why exact: a float32 has 24
+    significant bits, a bf16 8; each subtraction is exact in fp32 (Sterbenz: the rounding is close to the value) and
+    each remainder has at most 16, then 8 significant bits, so lo holds the rest without rounding. |mid| <= 2^-8 |a|,
+    |lo| <= 2^-16 |a|. Exceptions: |a| < 2^-103 (~1e-31), where a remainder can fall below 2^-126 and XLA (CPU
+    and GPU) flushes such fp32/bf16 subnormals to zero -- the parts then miss < 2^-126 in absolute value --;
+    |a| above bf16's max ~3.39e38 (hi overflows); non-finite a (NaN parts). The roundings go through
+    reduce_precision: a plain f32 -> bf16 -> f32 cast pair may be dropped by XLA as excess precision, which would
+    make mid and lo zero. Used by the skinny kernel (gpu.split3) and by v4jax.layers.split_matmul."""
+    if a.dtype == jnp.bfloat16:
+        return [a]
+    if a.dtype != f32:
+        raise TypeError(f"bf16_parts: bf16 or fp32 input expected, got {a.dtype}")
+    rnd = lambda v: jax.lax.reduce_precision(v, exponent_bits=8, mantissa_bits=7)      # RNE to bf16, kept by XLA
+    hi = rnd(a)
+    mid = rnd(a - hi)
+    lo = rnd(a - hi - mid)
+    return [v.astype(jnp.bfloat16) for v in (hi, mid, lo)]
