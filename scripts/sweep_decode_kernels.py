@@ -104,8 +104,9 @@ def sweep_linear(log, bw, quick):
 GROUPED_SPLITS = (1, 2, 4, 8, 16)
 
 
-def grouped_configs(K, quick, auto_split):
-    """The launches tried for an FP4 expert weight with `K` inputs (every split_k dividing the K steps)."""
+def grouped_configs(K, quick, auto_split, mma_only=False):
+    """The launches tried for an FP4 expert weight with `K` inputs (every split_k dividing the K steps); mma_only:
+    the automatic launch and the FP8 x FP8 (mma="fp8") ones."""
     cfgs = [dict()]                                                        # automatic (DECODE_DEFAULTS + rule)
     base = dict(block_m=16, num_stages=3, w_lhs=True)
     for bk, bn, nw, sk in itertools.product((128, 64), (32, 64, 128), (4, 8), GROUPED_SPLITS):
@@ -122,10 +123,17 @@ def grouped_configs(K, quick, auto_split):
         variants = variants[1:2] + variants[4:]
     for ex, sk in itertools.product(variants, sorted({1, auto_split})):
         cfgs.append(dict(base, block_n=128, block_k=128, num_warps=4, split_k=sk, **ex))
+    if mma_only:
+        cfgs = cfgs[:1]
+    # FP8 x FP8 dots (mma="fp8"; x is FP8-representable per 128 columns here, so they are exact)
+    for bn, nw, lhs, sk in itertools.product((64, 128), (4, 8), (True, False), sorted({1, auto_split})):
+        if quick and (nw == 8 and bn == 64):
+            continue
+        cfgs.append(dict(base, block_n=bn, block_k=128, num_warps=nw, w_lhs=lhs, split_k=sk, mma="fp8"))
     return cfgs
 
 
-def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0):
+def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=False):
     """FP4 experts at decode. Setup kept short for the GPU: each weight [E, O, K] is generated and quantised once
     (on the device) and passed to every variant as a jit ARGUMENT (not a closed-over constant); one jit per variant
     runs the kernel on REPS distinct routings (the same kernel, compiled once) and returns the first output for the
@@ -146,7 +154,8 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0):
                 ids = np.stack([rng.choice(E, k, replace=False) for _ in range(B)]).reshape(-1)
                 sizes = np.bincount(ids, minlength=E).astype(np.int32)
                 touched.append(int((sizes > 0).sum()))
-                xs.append(jax.random.normal(jax.random.fold_in(key, 100 + i), (N, K), jnp.bfloat16))
+                xs.append(quant.fp8_sim(jax.random.normal(jax.random.fold_in(key, 100 + i), (N, K), jnp.bfloat16),
+                                        128))                              # as the model's quant_sim leaves x
                 gss.append(jnp.asarray(sizes))
             nbytes = float(np.mean(touched)) * per_expert
             used = np.flatnonzero(np.asarray(gss[0]))                      # the reference on the touched experts
@@ -155,7 +164,7 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0):
             auto = gmg.decode_split_k(N, E, O, K, block_n=gmg.DECODE_DEFAULTS["fp4"][1],
                                       block_k=gmg.DECODE_DEFAULTS["fp4"][2], w_bytes=gmg.W_BYTES["fp4"]) \
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
-            cfgs = grouped_configs(K, quick, auto)
+            cfgs = grouped_configs(K, quick, auto, mma_only)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
                 f"experts on average): {len(cfgs)} launches")
             for c in cfgs:
@@ -194,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,8,32", help="grouped: decode batches (tokens, top-6 rows each)")
     ap.add_argument("--splits", default=None, help="grouped: the split_k values to try (default 1,2,4,8,16)")
     ap.add_argument("--max-total-s", type=float, default=1.0, help="timing budget per launch")
+    ap.add_argument("--mma-only", action="store_true", help="grouped: the automatic launch and the mma='fp8' ones")
     args = ap.parse_args(argv)
     SHRINK, REPS = args.shrink, args.reps
     if args.splits:
@@ -210,7 +220,7 @@ def main(argv=None) -> int:
     if "grouped" in args.only:
         tokens = tuple(int(v) for v in args.tokens.split(","))
         best.update({f"experts {k}": v for k, v in
-                     sweep_grouped(log, bw, args.quick, tokens, args.max_total_s).items()})
+                     sweep_grouped(log, bw, args.quick, tokens, args.max_total_s, args.mma_only).items()})
     log("best:")
     for k, (t, tag) in best.items():
         log(f"  {k}: {t * 1e6:.1f} us  {tag}")

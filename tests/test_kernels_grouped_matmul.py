@@ -498,3 +498,108 @@ def test_gpu_kernel_split_k_lowers_for_cuda():
     xt = jax.ShapeDtypeStruct((6, K), jnp.bfloat16)
     assert "grouped_matmul_bf16_split2" in _lower_cuda(
         lambda x, w, g: gpu.grouped_matmul(x, w, g, transpose_w=True, split_k=2), xt, wt, gs)
+
+
+# ---- FP8 x FP8 dots (launch option mma="fp8": x quantised per 128 columns, FP8/FP4 weights as e4m3 tiles) -------
+
+def _fp8_x(N, K, seed):
+    """bf16 x that is FP8-representable per 128-column block (quant.fp8_sim output), rows of very different
+    magnitudes (per-row scales 2^-12 .. 2^12) and one all-zero row."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, K)) * np.exp2(rng.integers(-12, 13, (N, 1)))
+    x[N // 2] = 0.0
+    return quant.fp8_sim(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), 128)
+
+
+def test_fp8_blocks_exact_on_fp8_sim_values():
+    x = _fp8_x(40, 512, seed=20)
+    q, s = gpu.fp8_blocks(x)
+    assert q.dtype == jnp.float8_e4m3fn and s.shape == (40, 4)
+    back = (q.astype(jnp.float32).reshape(40, 4, 128) * s[..., None]).reshape(40, 512)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x.astype(jnp.float32)))
+    sv = np.asarray(s)
+    assert np.all(np.log2(sv) == np.round(np.log2(sv)))                         # powers of two
+    amax = np.abs(np.asarray(x, np.float32)).reshape(40, 4, 128).max(-1)
+    assert np.all(amax <= 448 * sv) and np.all((amax > 448 * sv / 2) | (amax == 0))   # the smallest such
+    # a value at exactly 448 * 2^k takes s = 2^k (no rounding of amax / 448 upwards)
+    y = jnp.zeros((1, 128), jnp.float32).at[0, 3].set(448.0 * 2.0 ** -5)
+    np.testing.assert_array_equal(np.asarray(gpu.fp8_blocks(y)[1]), [[2.0 ** -5]])
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_gpu_kernel_fp8_mma_matches_reference(fmt):
+    """mma="fp8" == the reference on an FP8-representable x: at decode (the DECODE_DEFAULTS launch, its automatic
+    split-K, w_lhs both ways) and with many rows per group (DEFAULTS; block_k 64 = two FP4 scale blocks per step)."""
+    few = [0] * 20
+    for e in (1, 5, 5, 9, 19, 19, 19):
+        few[e] += 1
+    for N, K, O, sizes in ((10, 512, 256, few), (300, 256, 192, [120, 0, 150])):
+        _, node, gs = _inputs(N, K, O, sizes, seed=N + 2, fmt=fmt)
+        x = _fp8_x(N, K, seed=N)
+        ref = _ref(x, node, gs)
+        launches = [dict(), dict(w_lhs=False)] + ([dict(split_k=2), dict(block_k=32)] if N < 100 else [])
+        for kw in launches:
+            out = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", interpret=True, **kw)
+            _check(out, ref, sizes, N)
+        ob = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", out_dtype=jnp.bfloat16,
+                                interpret=True)
+        assert ob.dtype == jnp.bfloat16
+
+
+def test_gpu_kernel_fp8_mma_rounds_other_inputs():
+    """On an x that is not FP8-representable, mma="fp8" multiplies x's per-128-block FP8 rounding (fp8_blocks)."""
+    N, K, O, sizes = 12, 256, 64, [4, 8]
+    x, node, gs = _inputs(N, K, O, sizes, seed=21, fmt="fp4")
+    q, s = gpu.fp8_blocks(x)
+    xq = (q.astype(jnp.float32).reshape(N, 2, 128) * s[..., None]).reshape(N, K).astype(jnp.bfloat16)
+    assert np.any(np.asarray(xq) != np.asarray(x))
+    out = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", interpret=True)
+    _check(out, _ref(xq, node, gs), sizes, N)
+
+
+def test_gpu_kernel_fp8_mma_option_values():
+    x, node, gs = _inputs(8, 256, 32, [3, 5])
+    with pytest.raises(ValueError, match="mma='fp8' needs FP8 or FP4 weights"):
+        gpu.grouped_matmul(x, node["weight"], gs, mma="fp8", interpret=True)
+    _, node4, _ = _inputs(8, 256, 32, [3, 5], fmt="fp4")
+    with pytest.raises(ValueError, match="mma="):
+        gpu.grouped_matmul(x, node4["weight"], gs, node4["scale"], mma="fp16", interpret=True)
+
+
+def test_gpu_kernel_fp8_mma_lowers_for_cuda():
+    """Pallas -> Triton lowering of the FP8 x FP8 dots (e4m3 operands, tt.split of the scale blocks) at the Flash
+    shapes: FP4 w1 at batch 1 and 32 (decode launch, w_lhs both ways), 8K rows (DEFAULTS), and FP8 weights."""
+    E = 256
+    gs = jax.ShapeDtypeStruct((E,), jnp.int32)
+    w4 = (jax.ShapeDtypeStruct((E, 2048, 2048), jnp.int8), jax.ShapeDtypeStruct((E, 2048, 128), jnp.float8_e8m0fnu))
+    w8 = (jax.ShapeDtypeStruct((E, 2048, 4096), jnp.float8_e4m3fn),
+          jax.ShapeDtypeStruct((E, 16, 32), jnp.float8_e8m0fnu))
+    for (w, s), n, kw in [(w4, 6, {}), (w4, 192, {}), (w4, 192, {"w_lhs": False}), (w4, 8192, {}),
+                          (w8, 192, {}), (w8, 8192, {})]:
+        x = jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16)
+        mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, mma="fp8",
+                                                                 **kw), x, w, gs, s)
+        assert "triton" in mlir
+
+
+def test_dispatch_fp8_act_takes_fp8_mma():
+    """grouped_matmul(..., fp8_act=True) on FP4 weights runs the kernel with mma="fp8" (bit-identical to calling it
+    so), equals the reference, and keeps dx (the reference VJP on the dequantised weight); in % 128 != 0 or bf16
+    weights keep the bf16 path."""
+    N, K, O, sizes = 10, 256, 64, [3, 0, 5]
+    _, node, gs = _inputs(N, K, O, sizes, seed=30, fmt="fp4")
+    x = _fp8_x(N, K, seed=31)
+    y = gm.grouped_matmul(x, node, gs, backend="gpu", fp8_act=True)
+    direct = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", interpret=True)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(direct))
+    _check(y, _ref(x, node, gs), sizes, N)
+    ct = jnp.asarray(np.random.default_rng(32).standard_normal((N, O), np.float32))
+    dx = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, node, gs, backend="gpu", fp8_act=True) * ct))(x)
+    dx_ref = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, node, gs, backend="reference") * ct))(x)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-6, atol=1e-6)
+    # in = 96: not a multiple of 128 -> the bf16 path (no error)
+    _, node96, _ = _inputs(N, 96, O, sizes, seed=33, fmt="fp4")
+    x96 = x[:, :96]
+    np.testing.assert_array_equal(
+        np.asarray(gm.grouped_matmul(x96, node96, gs, backend="gpu", fp8_act=True)),
+        np.asarray(gpu.grouped_matmul(x96, node96["weight"], gs, node96["scale"], interpret=True)))

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax import quant
 from v4jax.bench import _fmt, _is_oom, _try_time, line_logger, measure_copy_bw, measure_matmul_peak
 
 E, D, F, TOPK = 256, 4096, 2048, 6           # Flash: routed experts, hidden, expert intermediate, experts per token
+FORMATS = ("bf16", "fp8", "fp4", "fp8-mma", "fp4-mma")
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -114,8 +116,13 @@ def bench_moe(args) -> int:
 
     key = jax.random.PRNGKey(0)
     fmts = [m for m in args.formats.split(",") if m]
-    W = {fm: (weights(jax.random.fold_in(key, 1), e, f, d, fm), weights(jax.random.fold_in(key, 3), e, f, d, fm),
-              weights(jax.random.fold_in(key, 2), e, d, f, fm)) for fm in fmts}
+    bad = [fm for fm in fmts if fm not in FORMATS]
+    if bad:
+        raise SystemExit(f"bench moe: unknown --formats {bad}; choose from {FORMATS}")
+    base = lambda fm: fm.split("-")[0]           # "fp4-mma": FP4 weights, FP8 x FP8 dots (mma="fp8")
+    Wb = {b: (weights(jax.random.fold_in(key, 1), e, f, d, b), weights(jax.random.fold_in(key, 3), e, f, d, b),
+              weights(jax.random.fold_in(key, 2), e, d, f, b)) for b in {base(fm) for fm in fmts}}
+    W = {fm: Wb[base(fm)] for fm in fmts}
     jax.block_until_ready(W)
 
     @functools.lru_cache(maxsize=None)
@@ -128,8 +135,8 @@ def bench_moe(args) -> int:
             return mm(x, w1), mm(x, w3), mm(h, w2)
         return jax.jit(layer)
 
-    def kernel_layer(cfg):
-        return _kernel_layer(tuple(sorted(cfg.items())))
+    def kernel_layer(cfg, fm="bf16"):
+        return _kernel_layer(tuple(sorted(dict(cfg, **({"mma": "fp8"} if fm.endswith("-mma") else {})).items())))
 
     def ref_layer(x, h, gs, w1, w3, w2):
         mm = lambda a, n: ref_gmm(a, n["weight"], gs).astype(jnp.bfloat16)
@@ -147,8 +154,9 @@ def bench_moe(args) -> int:
         k = jax.random.split(jax.random.PRNGKey(100 + seed), 3)
         gs = routing(k[0], T, e)
         N = T * TOPK
-        x = jax.random.normal(k[1], (N, d), jnp.bfloat16)
-        h = jax.random.normal(k[2], (N, f), jnp.bfloat16)
+        # FP8-representable per 128 columns (as the model's quant_sim leaves them): the mma="fp8" kernels are exact
+        x = quant.fp8_sim(jax.random.normal(k[1], (N, d), jnp.bfloat16), 128)
+        h = quant.fp8_sim(jax.random.normal(k[2], (N, f), jnp.bfloat16), 128)
         return jax.block_until_ready((x, h, gs))
 
     # -- launch sweep at one size (w1/w3/w2 of a layer) --------------------------------------------------
@@ -163,14 +171,18 @@ def bench_moe(args) -> int:
                  "fp8": [(128, 128, 128, 8, 3, False), (128, 128, 128, 8, 3, True), (128, 128, 64, 4, 4, True),
                          (256, 128, 64, 8, 3, True)],
                  "fp4": [(128, 128, 64, 4, 4, False), (128, 128, 64, 4, 4, True), (256, 128, 64, 8, 3, True),
-                         (128, 128, 128, 8, 3, True)]}
+                         (128, 128, 128, 8, 3, True)],
+                 "fp8-mma": [(128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False), (256, 128, 128, 8, 3, True),
+                             (128, 128, 128, 4, 4, False)],
+                 "fp4-mma": [(128, 128, 64, 4, 4, False), (128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False),
+                             (256, 128, 128, 8, 3, True)]}
         for fm in fmts:
             bt = None
             for bm, bn, bk, nw, ns, lhs in grids[fm]:
                 if time.perf_counter() - t_start > args.time_budget * 0.4:
                     break
                 cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, w_lhs=lhs)
-                t, err = _try_time(kernel_layer(cfg), [(x, h, gs, *W[fm])], max_total_s=0.5)
+                t, err = _try_time(kernel_layer(cfg, fm), [(x, h, gs, *W[fm])], max_total_s=0.5)
                 log(f"tune {fm} {T_tune // 1024}K tokens bm={bm} bn={bn} bk={bk} warps={nw} stages={ns} w_lhs={lhs}: "
                     + (f"{t * 1e3:.2f} ms, {fl / t / 1e12:.0f} TFLOP/s" if t else err))
                 if t and (bt is None or t < bt):
@@ -203,7 +215,7 @@ def bench_moe(args) -> int:
                 continue
             n1 = W[fm][0]
             p = gpu.grouped_matmul(x, n1["weight"], gs, n1["scale"], out_dtype=jnp.bfloat16, interpret=interpret,
-                                   **best[fm])
+                                   **dict(best[fm], **({"mma": "fp8"} if fm.endswith("-mma") else {})))
             q = capacity.grouped_matmul(x, dequantize(n1["weight"], n1["scale"]), gs, capacity=cap,
                                         out_dtype=jnp.bfloat16)
             err = rel(p, q)
@@ -247,7 +259,7 @@ def bench_moe(args) -> int:
                         ref_last = (T, t)
             elif c.startswith("kernel"):
                 fm = c.split()[1]
-                t, err = _try_time(kernel_layer(best[fm]), [(x, h, gs, *W[fm])], max_total_s=1.0)
+                t, err = _try_time(kernel_layer(best[fm], fm), [(x, h, gs, *W[fm])], max_total_s=1.0)
             else:
                 cap = capacity.capacity_for(gs)
                 t, err = (None, "skipped") if late else _try_time(cap_layer(cap), [(x, h, gs, *W["bf16"])],
@@ -282,7 +294,8 @@ def add_parser(sub):
     """Register the `moe` subcommand on an argparse subparsers object (for v4jax/bench.py's _parsers)."""
     k = sub.add_parser("moe", help="MoE grouped matmuls (ragged_dot vs Pallas kernel bf16/FP8/FP4 vs einsum)")
     k.add_argument("--tokens", default="1,2,4,8,16,32,64", help="comma list of token counts in K (x1024)")
-    k.add_argument("--formats", default="bf16,fp8,fp4", help="kernel weight formats: bf16,fp8,fp4")
+    k.add_argument("--formats", default="bf16,fp8,fp4",
+                   help="kernel weight formats: bf16,fp8,fp4 and fp8-mma,fp4-mma (FP8 x FP8 dots, mma='fp8')")
     k.add_argument("--tune-tokens", type=int, default=16384, help="token count of the launch sweep")
     k.add_argument("--no-tune", action="store_true", help="skip the launch-parameter sweep (kernel defaults)")
     k.add_argument("--no-ref", action="store_true", help="skip the ragged_dot reference")

@@ -60,11 +60,12 @@ def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
     return linear_fp8(cfg, p["w2"], h)
 
 
-def _grouped(x: jax.Array, w_node: dict, sizes: jax.Array, dt) -> jax.Array:
+def _grouped(x: jax.Array, w_node: dict, sizes: jax.Array, dt, fp8_act: bool = False) -> jax.Array:
     """x [N, in] sorted by group, w_node {"weight" [E, out, in] (bf16, FP8 or packed FP4), "scale"?} -> [N, out]
     in dt: fp32 accumulation, rows past the groups 0. The Pallas grouped matmul on GPU (weights decoded in the
-    kernel), `ragged_dot` elsewhere."""
-    return grouped_matmul(x, w_node, sizes, out_dtype=dt)
+    kernel; FP8 x FP8 dots for quantised weights when fp8_act says x is `quant.fp8_sim` output), `ragged_dot`
+    elsewhere."""
+    return grouped_matmul(x, w_node, sizes, out_dtype=dt, fp8_act=fp8_act)
 
 
 def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array, first=0) -> jax.Array:
@@ -87,12 +88,12 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
     xs = x[order // k]
-    g = _grouped(xs, p["w1"], sizes, dt)
-    u = _grouped(xs, p["w3"], sizes, dt)
+    g = _grouped(xs, p["w1"], sizes, dt, cfg.quant_sim)
+    u = _grouped(xs, p["w3"], sizes, dt, cfg.quant_sim)
     h = swiglu(cfg, g, u, w.reshape(-1)[order])
     if cfg.quant_sim:
         h = quant.fp8_sim(h, 128)
-    out = _grouped(h, p["w2"], sizes, dt)
+    out = _grouped(h, p["w2"], sizes, dt, cfg.quant_sim)
     out = jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)
     out = jnp.where(local[..., None], out, 0)
     y = out[:, 0].astype(f32)

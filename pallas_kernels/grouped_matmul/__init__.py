@@ -70,8 +70,13 @@ def _bwd(out_dtype, launch, res, g):
 _gmm.defvjp(_fwd, _bwd)
 
 
+# weight formats whose GPU kernel runs FP8 x FP8 dots (launch mma="fp8") when the caller says x is
+# FP8-representable per 128 columns (fp8_act=True); see gpu.py and docs/benchmarks.md for the measurements
+FP8_MMA_FORMATS = ("fp4", "fp8")
+
+
 def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str | None = None,
-                   out_dtype=jnp.float32, launch: dict | None = None) -> jax.Array:
+                   out_dtype=jnp.float32, launch: dict | None = None, fp8_act: bool = False) -> jax.Array:
     """x [N, in] (rows sorted by group), w_node = {"weight": [E, out, in], optional "scale"} (or a bare weight
     array), group_sizes [E] int32 -> [N, out] in out_dtype (fp32 by default); rows past sum(group_sizes) are 0.
 
@@ -91,6 +96,11 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     accumulation, rounded to bf16), of an fp32 weight by the reference's VJP (ragged_dot's transpose). The kernel
     path rounds dy to bf16 before both the dx and the weight-gradient products (the reference backend keeps it
     fp32). Quantised weights get no gradient (None); their dx goes through the reference's VJP.
+
+    fp8_act: the caller guarantees x is FP8-representable per 128-column block (e4m3 times a power of two, what
+    `quant.fp8_sim` returns). The GPU kernel then runs FP4 / FP8 weights (FP8_MMA_FORMATS) as FP8 x FP8 dots
+    (launch mma="fp8", when `in` is a multiple of 128), which equals the bf16 path up to the fp32 summation order;
+    an explicit launch["mma"] wins.
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
@@ -99,4 +109,9 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     group_sizes = group_sizes.astype(jnp.int32)
     if backend == "reference" or x.dtype != jnp.bfloat16:
         return _ref_node(x, w, scale, group_sizes, out_dtype)
-    return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype), tuple(sorted((launch or {}).items())))
+    launch = dict(launch or {})
+    if fp8_act and scale is not None and "mma" not in launch and x.shape[-1] % 128 == 0:
+        from .gpu import weight_format
+        if weight_format(w, scale) in FP8_MMA_FORMATS:
+            launch["mma"] = "fp8"
+    return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype), tuple(sorted(launch.items())))

@@ -229,9 +229,12 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1):
+            fp4_parity=False, split_k=1, mma="bf16"):
+    xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
+    elif mma == "fp8":                                                # x_ref: e4m3 x, xs_ref: its 128-block scales
+        s_ref, xs_ref, o_ref = rest
     else:
         s_ref, o_ref = rest
     j = pl.program_id(0)                                              # out tile
@@ -245,7 +248,8 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     # dropped); stores use the unclamped, distinct indices under a mask.
     rows = row0 + iota(bm)
     cols = j * bn + iota(bn)
-    xr = jnp.minimum(rows, N - 1)[:, None]                             # [bm, 1]
+    xrow = jnp.minimum(rows, N - 1)
+    xr = xrow[:, None]                                                 # [bm, 1]
     wcol = cols if O % bn == 0 else jnp.minimum(cols, O - 1)
     wc = wcol[:, None]                                                 # [bn, 1]
     mask = (rows < rend)[:, None] & (cols < O)[None, :]
@@ -286,6 +290,37 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         xt = x_ref[xr, kcols(k0, bk)]                                  # "split": [bm, bk] -> tt.split
         return tuple(jnp.unstack(xt.reshape(bm, bk // 2, 2), axis=-1))
 
+    def fp8_step(acc, k0):
+        """One K step as FP8 x FP8 dots: acc += sum over the step's scale blocks of dot(w8, x8) * w_scale * x_scale.
+        FP4: the nibbles become e4m3 bytes of value / 64 (exact), interleaved into [bn, bk] and split into bk/32
+        blocks of 32 columns, one E8M0 code per row each (scale 64 * 2^(code - 127)). FP8: the e4m3 tile as is,
+        one 128 x 128 block scale. x: e4m3 [bm, bk] with one power-of-two scale per row (bk divides 128)."""
+        xt = x_ref[xr, kcols(k0, bk)]                                  # [bm, bk] e4m3
+        xsc = xs_ref[xrow[None, :] if w_lhs else xr, k0 // 128]        # [1, bm] (w_lhs) or [bm, 1]
+        if fmt == "fp8":
+            wts = [w_ref[g, wc, kcols(k0, bk)]]                        # [bn, bk] e4m3
+            wsc = [s_ref[g, wc // 128 if w_lhs else wcol[None, :] // 128, k0 // 128]]   # [bn, 1] / [1, bn]
+            xts = [xt]
+        else:
+            nb = bk // 32
+            b = w_ref[g, wc, kcols(k0 // 2, bk // 2)].astype(jnp.int32)             # [bn, bk/2] packed pairs
+            w8 = jnp.stack([_f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)], axis=-1).reshape(bn, bk)
+            if w_lhs:
+                codes = s_ref[g, wc, kcols(k0 // 32, nb)].astype(jnp.int32)          # [bn, nb]
+            else:
+                codes = s_ref[g, wcol[None, :], (k0 // 32 + iota(nb))[:, None]].astype(jnp.int32)   # [nb, bn]
+            sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+            split = lambda a, axis: jnp.split(a, nb, axis=axis) if nb > 1 else [a]
+            wts, xts = split(w8, 1), split(xt, 1)
+            wsc = split(sc, 1 if w_lhs else 0)
+        for wt, xb, ws in zip(wts, xts, wsc):
+            if w_lhs:                                                   # [bn, bm]
+                part = jax.lax.dot_general(wt, xb, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            else:                                                       # [bm, bn]
+                part = jax.lax.dot_general(xb, wt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            acc = acc + part * (ws * xsc)
+        return acc
+
     def mm(acc, wt, xt):
         if w_lhs:                                                      # acc^T [bn, bm] = w_tile . x_tile^T
             return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=f32)
@@ -295,6 +330,8 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     def _compute():
         def body(kk, acc):
             k0 = pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
+            if mma == "fp8":
+                return fp8_step(acc, k0)
             if fmt == "fp4" and fp4_parity:                            # two dots: even k, odd k
                 (w_ev, w_od), (x_ev, x_od) = fp4_halves(k0), x_halves(k0)
                 return mm(mm(acc, w_ev, x_ev), w_od, x_od)
@@ -314,6 +351,23 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         pltriton.store(o_at, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
 
+MMAS = ("bf16", "fp8")
+
+
+def fp8_blocks(x: jax.Array, block: int = 128):
+    """x [N, K] (K a multiple of block) -> (e4m3 [N, K], fp32 [N, K / block]): per row and block of columns the
+    smallest power of two s with max |x| <= 448 s (found from frexp, no rounding; s = 2^-9 for an all-zero block),
+    and x / s rounded to e4m3. Exact whenever x is e4m3 x (any power of two) per block, which is what
+    `quant.fp8_sim` leaves (that scale is >= s, so x / s is an e4m3 value times a power of two <= 448)."""
+    N, K = x.shape
+    xb = x.astype(f32).reshape(N, K // block, block)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    m, e = jnp.frexp(amax)                                  # amax = m 2^e, m in [0.5, 1): 448 = 1.75 * 2^8
+    s = jnp.ldexp(jnp.ones_like(amax), e - 9 + (2 * m > 1.75).astype(e.dtype))
+    q = (xb / s[..., None]).astype(jnp.float8_e4m3fn)
+    return q.reshape(N, K), s
+
+
 def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
     if scale is None:
         return "bf16"
@@ -326,12 +380,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "interpret"))
+                                             "split_k", "mma", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
                    fp4_decode: str = "e4m3", fp4_parity: bool | str = False, split_k: int | None = None,
-                   interpret: bool = False):
+                   mma: str = "bf16", interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -346,6 +400,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     "e4m3" (default), "bits" (bit-identical tiles) or "bits_exp" (integer ops only; E8M0 codes 2..252);
     fp4_parity False (default: the interleaved [block_n, block_k] tile), True (= "split"), "strided" or "permuted"
     (even-k and odd-k half tiles, two dots per K step; the variants differ in how x's even/odd columns are read).
+    mma: "bf16" (default: the weight tile dequantised to bf16, bf16 x bf16 dots) or "fp8" (FP8 / FP4 weights only:
+    x is quantised per 128 columns by `fp8_blocks` and every dot is e4m3 x e4m3 with fp32 accumulation, the
+    weight and x block scales applied to each block's partial sum -- per 32 columns for FP4, per 128 for FP8; see
+    the module docstring). "fp8" equals "bf16" up to summation order when x is FP8-representable per 128-column
+    block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding.
     """
     if fp4_decode not in FP4_DECODES:
         raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r}, not one of {FP4_DECODES}")
@@ -353,6 +412,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         raise ValueError(f"grouped_matmul(gpu): fp4_parity={fp4_parity!r}, not one of {FP4_PARITIES}")
     fp4_parity = "split" if fp4_parity is True else fp4_parity
     fmt = weight_format(w, scale)
+    if mma not in MMAS:
+        raise ValueError(f"grouped_matmul(gpu): mma={mma!r}, not one of {MMAS}")
+    if mma == "fp8" and (fmt == "bf16" or transpose_w):
+        raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs FP8 or FP4 weights (got {fmt}"
+                         f"{', transpose_w' if transpose_w else ''})")
     decode = x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w
     table = DECODE_DEFAULTS if decode else DEFAULTS
     d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
@@ -377,11 +441,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     if fmt == "bf16":
         w = w.astype(jnp.bfloat16)
     bk = block_k
-    if fmt == "fp8":
+    if fmt == "fp8" or mma == "fp8":
         bk = min(bk, 128)
     while bk > 16 and K % bk:
         bk //= 2
-    if K % bk or (fmt == "fp8" and 128 % bk) or (fmt == "fp4" and bk % 32):
+    if K % bk or ((fmt == "fp8" or mma == "fp8") and 128 % bk) or (fmt == "fp4" and bk % 32):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
     if split_k is None:
@@ -396,11 +460,16 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         args.append(e8m0_to_f32(scale))
     elif fmt == "fp4":
         args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
-        if fp4_parity == "permuted":             # per K step of bk columns: the bk/2 even ones, then the odd ones
+        if fp4_parity == "permuted" and mma == "bf16":   # per K step of bk columns: bk/2 even ones, then odd ones
             args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
+    if mma == "fp8":
+        if K % 128:
+            raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs in={K} to be a multiple of 128")
+        args[1], xs = fp8_blocks(x, 128)
+        args.append(xs)
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
                                w_lhs=bool(w_lhs) and not transpose_w, fp4_decode=fp4_decode,
-                               fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k)
+                               fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k, mma=mma)
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
