@@ -583,23 +583,29 @@ def test_gpu_kernel_fp8_mma_lowers_for_cuda():
 
 
 def test_dispatch_fp8_act_takes_fp8_mma():
-    """grouped_matmul(..., fp8_act=True) on FP4 weights runs the kernel with mma="fp8" (bit-identical to calling it
-    so), equals the reference, and keeps dx (the reference VJP on the dequantised weight); in % 128 != 0 or bf16
-    weights keep the bf16 path."""
+    """grouped_matmul(..., fp8_act=True) on FP4 weights at decode runs the kernel with mma="fp8", equals the
+    reference and keeps dx (the reference VJP on the dequantised weight); in % 128 != 0 and many rows per group
+    (prefill) keep the bf16 dots. Which path ran is told apart on an x that is NOT FP8-representable (a broken
+    fp8_act promise): there mma="fp8" multiplies x's FP8 rounding and the bf16 dots do not."""
     N, K, O, sizes = 10, 256, 64, [3, 0, 5]
-    _, node, gs = _inputs(N, K, O, sizes, seed=30, fmt="fp4")
+    raw, node, gs = _inputs(N, K, O, sizes, seed=30, fmt="fp4")
+    call = lambda a, nd, g, **kw: np.asarray(gpu.grouped_matmul(a, nd["weight"], g, nd["scale"], interpret=True, **kw))
+    y = np.asarray(gm.grouped_matmul(raw, node, gs, backend="gpu", fp8_act=True))
+    np.testing.assert_array_equal(y, call(raw, node, gs, mma="fp8"))
+    assert np.any(y != call(raw, node, gs, mma="bf16"))
     x = _fp8_x(N, K, seed=31)
-    y = gm.grouped_matmul(x, node, gs, backend="gpu", fp8_act=True)
-    direct = gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", interpret=True)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(direct))
-    _check(y, _ref(x, node, gs), sizes, N)
+    _check(gm.grouped_matmul(x, node, gs, backend="gpu", fp8_act=True), _ref(x, node, gs), sizes, N)
     ct = jnp.asarray(np.random.default_rng(32).standard_normal((N, O), np.float32))
     dx = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, node, gs, backend="gpu", fp8_act=True) * ct))(x)
     dx_ref = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, node, gs, backend="reference") * ct))(x)
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-6, atol=1e-6)
-    # in = 96: not a multiple of 128 -> the bf16 path (no error)
+    # in = 96: not a multiple of 128 -> the bf16 dots (no error)
     _, node96, _ = _inputs(N, 96, O, sizes, seed=33, fmt="fp4")
-    x96 = x[:, :96]
-    np.testing.assert_array_equal(
-        np.asarray(gm.grouped_matmul(x96, node96, gs, backend="gpu", fp8_act=True)),
-        np.asarray(gpu.grouped_matmul(x96, node96["weight"], gs, node96["scale"], interpret=True)))
+    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(raw[:, :96], node96, gs, backend="gpu", fp8_act=True)),
+                                  call(raw[:, :96], node96, gs))
+    # 60 rows over 3 groups (>= 16 per group): not decode -> the bf16 dots
+    raw60, node60, gs60 = _inputs(60, K, O, [20, 25, 15], seed=34, fmt="fp4")
+    launch = dict(block_m=16, block_n=32, block_k=64)
+    y60 = np.asarray(gm.grouped_matmul(raw60, node60, gs60, backend="gpu", fp8_act=True, launch=launch))
+    np.testing.assert_array_equal(y60, call(raw60, node60, gs60, mma="bf16", **launch))
+    assert np.any(y60 != call(raw60, node60, gs60, mma="fp8", **launch))

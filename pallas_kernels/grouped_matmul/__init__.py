@@ -70,11 +70,6 @@ def _bwd(out_dtype, launch, res, g):
 _gmm.defvjp(_fwd, _bwd)
 
 
-# weight formats whose GPU kernel runs FP8 x FP8 dots (launch mma="fp8") when the caller says x is
-# FP8-representable per 128 columns (fp8_act=True); see gpu.py and docs/benchmarks.md for the measurements
-FP8_MMA_FORMATS = ("fp4", "fp8")
-
-
 def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str | None = None,
                    out_dtype=jnp.float32, launch: dict | None = None, fp8_act: bool = False) -> jax.Array:
     """x [N, in] (rows sorted by group), w_node = {"weight": [E, out, in], optional "scale"} (or a bare weight
@@ -98,9 +93,8 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     fp32). Quantised weights get no gradient (None); their dx goes through the reference's VJP.
 
     fp8_act: the caller guarantees x is FP8-representable per 128-column block (e4m3 times a power of two, what
-    `quant.fp8_sim` returns). The GPU kernel then runs FP4 / FP8 weights (FP8_MMA_FORMATS) as FP8 x FP8 dots
-    (launch mma="fp8", when `in` is a multiple of 128), which equals the bf16 path up to the fp32 summation order;
-    an explicit launch["mma"] wins.
+    `quant.fp8_sim` returns). The GPU kernel may then run FP8 x FP8 dots (`gpu.grouped_matmul`'s x_fp8: at decode,
+    FP4 weights, `in` a multiple of 128), equal to the bf16 dots up to the fp32 summation order.
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
@@ -109,9 +103,5 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
     group_sizes = group_sizes.astype(jnp.int32)
     if backend == "reference" or x.dtype != jnp.bfloat16:
         return _ref_node(x, w, scale, group_sizes, out_dtype)
-    launch = dict(launch or {})
-    if fp8_act and scale is not None and "mma" not in launch and x.shape[-1] % 128 == 0:
-        from .gpu import weight_format
-        if weight_format(w, scale) in FP8_MMA_FORMATS:
-            launch["mma"] = "fp8"
+    launch = dict(launch or {}, **({"x_fp8": True} if fp8_act and scale is not None else {}))
     return _gmm(x, w, scale, group_sizes, jnp.dtype(out_dtype), tuple(sorted(launch.items())))

@@ -63,6 +63,17 @@ Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
         loads. Same products, fp32 accumulation in another order (two dots of block_k/2 per K step).
   * transpose_w=True (bf16 only): w is used as [E, in, out] (out[r] = x[r] @ w[g]), the VJP's dx.
 
+FP8 x FP8 dots (launch option mma="fp8", FP8/FP4 weights). The wrapper quantises x per row and 128-column block
+(`fp8_blocks`: e4m3 values and a power-of-two scale; exact when x is `quant.fp8_sim` output, as the MoE's inputs
+are under quant_sim). Per K step the weight tile stays e4m3 -- FP4 nibbles rewritten as the e4m3 bytes of value / 64
+as above, interleaved to [block_n, block_k] and split (tt.split) into 32-column blocks; FP8 tiles as stored -- and
+each scale block is one e4m3 x e4m3 dot into a fresh fp32 partial, multiplied by its weight scale (64 * 2^(code-127)
+per row for FP4, the 128 x 128 block scale for FP8) and x's block scale, and added to the accumulator. Exact
+products, fp32 sums in another order. block_k divides 128. Measured (H100, docs/benchmarks.md): at decode (16-row
+tiles) 22-25% faster than the bf16 dots at 8-32 tokens and 6-11% at 1 token -- it is taken there automatically for
+FP4 weights when the caller passes x_fp8=True (DECODE_MMA_DEFAULTS); with many rows per group the dependent
+partial -> scale -> add chain after every small dot makes it 1.4-4x slower than bf16 dots, so never automatic.
+
 Weight gradient (`grouped_matmul_dw`, the VJP's dw): dw[e] = sum over the rows r of group e of dy[r]^T x[r]. The
 grid is (out tiles, in tiles, experts), the out-tile axis fastest, so the programs in flight work on one expert and
 share its x and dy rows through L2. One program computes a [block_o, block_i] tile of dw[e] with a loop over its
@@ -106,6 +117,13 @@ DEFAULTS = {"bf16": (128, 256, 64, 8, 4, False), "fp8": (256, 128, 64, 8, 3, Tru
 # 16 (the dot's minimum) so the wasted rows do not multiply the math; the weight tile is the dot's left operand.
 DECODE_DEFAULTS = {"bf16": (16, 128, 64, 4, 4, True), "fp8": (16, 128, 128, 4, 3, True),
                    "fp4": (16, 128, 128, 4, 3, True)}
+# decode with FP8 x FP8 dots (mma="fp8", taken automatically for FP4 weights when the caller says x is FP8-
+# representable, x_fp8=True): the sweep's best at 1-32 tokens (scripts/sweep_decode_kernels.py --mma-only, H100):
+# 64-column tiles, the weight as the dot's RIGHT operand. At 8 and 32 tokens 22-25% faster than DECODE_DEFAULTS'
+# bf16 dots (w1 346 -> 261 us, 873 -> 665 us), 6-11% at 1 token. With many rows per group (prefill) the per-32-column
+# scaling of the partial sums is 1.4-4x SLOWER than bf16 dots (bench moe), so mma="fp8" is never automatic there.
+DECODE_MMA_DEFAULTS = {"fp4": (16, 64, 128, 4, 3, False), "fp8": (16, 64, 128, 4, 3, False)}
+MMA_AUTO_FORMATS = ("fp4",)      # formats for which x_fp8=True picks mma="fp8" at decode
 DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
 SMS = 132                        # streaming multiprocessors (H100 SXM and H200)
 DECODE_WAVES = 4                 # decode_split_k's target: programs per SM
@@ -380,12 +398,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "mma", "interpret"))
+                                             "split_k", "mma", "x_fp8", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
                    fp4_decode: str = "e4m3", fp4_parity: bool | str = False, split_k: int | None = None,
-                   mma: str = "bf16", interpret: bool = False):
+                   mma: str | None = None, x_fp8: bool = False, interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -404,7 +422,9 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     x is quantised per 128 columns by `fp8_blocks` and every dot is e4m3 x e4m3 with fp32 accumulation, the
     weight and x block scales applied to each block's partial sum -- per 32 columns for FP4, per 128 for FP8; see
     the module docstring). "fp8" equals "bf16" up to summation order when x is FP8-representable per 128-column
-    block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding.
+    block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding. None: "fp8" at decode for FP4 weights
+    (MMA_AUTO_FORMATS) when x_fp8 says x is FP8-representable per 128 columns and in % 128 == 0, else "bf16".
+    The decode launch with mma="fp8" takes DECODE_MMA_DEFAULTS.
     """
     if fp4_decode not in FP4_DECODES:
         raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r}, not one of {FP4_DECODES}")
@@ -412,13 +432,15 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         raise ValueError(f"grouped_matmul(gpu): fp4_parity={fp4_parity!r}, not one of {FP4_PARITIES}")
     fp4_parity = "split" if fp4_parity is True else fp4_parity
     fmt = weight_format(w, scale)
+    decode = x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w
+    if mma is None:
+        mma = "fp8" if (x_fp8 and decode and fmt in MMA_AUTO_FORMATS and x.shape[1] % 128 == 0) else "bf16"
     if mma not in MMAS:
         raise ValueError(f"grouped_matmul(gpu): mma={mma!r}, not one of {MMAS}")
     if mma == "fp8" and (fmt == "bf16" or transpose_w):
         raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs FP8 or FP4 weights (got {fmt}"
                          f"{', transpose_w' if transpose_w else ''})")
-    decode = x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w
-    table = DECODE_DEFAULTS if decode else DEFAULTS
+    table = (DECODE_MMA_DEFAULTS if mma == "fp8" else DECODE_DEFAULTS) if decode else DEFAULTS
     d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
