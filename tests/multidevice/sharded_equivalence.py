@@ -15,6 +15,18 @@ import v4jax  # noqa: E402
 from v4jax import sharding as sh  # noqa: E402
 
 out = {}
+
+
+def all_gathers(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+
+
+def full_seq_float_gathers(gathers: list[str], S: int) -> list[str]:
+    """The float all-gathers whose result has a dimension of the full sequence length S."""
+    shapes = [re.search(r"= \(?(\w+)\[([\d,]*)\]", g) for g in gathers]
+    return [m.group(0) for m in shapes if m and m.group(1).startswith(("f", "bf")) and str(S) in m.group(2).split(",")]
+
+
 cfg = v4jax.ModelConfig.preset("tiny", quant_sim=False, compute_dtype="float32")
 params = v4jax.init_params(cfg, jax.random.key(0), dtype="bf16")
 # S = 512 so every seq shard is a multiple of 128 long; two packed documents, the boundary (300) inside a shard
@@ -29,8 +41,7 @@ for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2", "tensor=2,ex
         t, sg = (jax.device_put(a, NamedSharding(mesh, P("data", "seq"))) for a in (toks, seg))
         got = v4jax.forward(cfg, ps, t, sg)
         hlo = jax.jit(lambda p, t, s: v4jax.forward(cfg, p, t, s)).lower(ps, t, sg).compile().as_text()
-    gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
-    shapes = [re.search(r"= \(?(\w+)\[([\d,]*)\]", g) for g in gathers]
+    gathers = all_gathers(hlo)
     w1 = ps["layers"]["3"]["ffn"]["experts"]["w1"]["weight"]
     attn = ps["layers"]["0"]["attn"]
     out[spec] = {"err": float(jnp.max(jnp.abs(got - ref))), "expert_spec": str(w1.sharding.spec),
@@ -40,8 +51,7 @@ for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2", "tensor=2,ex
                  "gathers_experts": any(f"[{cfg.n_routed_experts},{cfg.moe_intermediate_size},{cfg.dim}]" in g
                                         for g in gathers),
                  # context parallelism: no float all-gather has a full-sequence dimension
-                 "full_seq_float_gathers": [m.group(0) for m in shapes if m and m.group(1).startswith(("f", "bf"))
-                                            and str(S) in m.group(2).split(",")]}
+                 "full_seq_float_gathers": full_seq_float_gathers(gathers, S)}
 
 # gradients (training path) under data=2 x expert=4
 tcfg = v4jax.ModelConfig.preset("tiny-pro", quant_sim=False, compute_dtype="float32")
@@ -60,15 +70,52 @@ g_ref = v4jax.params.flatten(grad(tp, tt))
 mesh = sh.make_mesh("data=2,expert=4")
 with jax.set_mesh(mesh):
     g = v4jax.params.flatten(grad(sh.place(tcfg, tp), jax.device_put(tt, NamedSharding(mesh, P("data")))))
-rel = {}
-for k, v in g_ref.items():
-    if v.dtype == jax.dtypes.float0:
-        continue
-    scale = float(jnp.max(jnp.abs(v.astype(jnp.float32)))) + 1e-12
-    rel[k] = float(jnp.max(jnp.abs(g[k].astype(jnp.float32) - v.astype(jnp.float32)))) / scale
+
+
+def rel_errors(g: dict, g_ref: dict) -> dict:
+    """Per leaf: max |g - g_ref| / max |g_ref| (integer leaves, float0 gradients, are skipped)."""
+    rel = {}
+    for k, v in g_ref.items():
+        if v.dtype == jax.dtypes.float0:
+            continue
+        v, w = np.asarray(v, np.float32), np.asarray(g[k], np.float32)
+        rel[k] = float(np.max(np.abs(w - v))) / (float(np.max(np.abs(v))) + 1e-12)
+    return rel
+
+
+rel = rel_errors(g, g_ref)
 out["grad_max_rel"] = max(rel.values())
 out["grad_worst"] = max(rel, key=rel.get)
 
+# gradients under context parallelism (seq=4 x expert=2, data=2 x seq=2 x expert=2): S = 512 so each seq shard
+# is a multiple of 128 long, two packed documents with the boundary (300) inside a shard, the batch placed as
+# bench_train does (rows over data, the sequence over seq). A 2-layer tiny-pro (CSA with hash routing, HCA, and
+# the window-only MTP block: every cross-shard exchange, at half tiny-pro's compile time) with fp32 parameters,
+# so the gradients come out in fp32: with bf16 parameters every leaf's error is about one bf16 ulp of its max
+# (8e-3) whatever the sharding does, which would hide a wrong contribution from a few tokens.
+ccfg = tcfg.replace(num_hidden_layers=2, num_hash_layers=1, compress_ratios=(4, 128, 0))
+cp32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
+                    v4jax.init_params(ccfg, jax.random.key(2), dtype="bf16"))
+ct = jax.random.randint(jax.random.key(5), (2, S), 0, ccfg.vocab_size)
+
+
+def seg_loss(p, t, s):
+    o = v4jax.forward_train(ccfg, p, t, s, remat=False)
+    lp = jax.nn.log_softmax(o["logits"][:, :-1])
+    return -jnp.mean(jnp.take_along_axis(lp, t[:, 1:, None], -1)) + 1e-2 * jnp.sum(o["balance"])
+
+
+seg_grad = jax.jit(jax.grad(seg_loss, allow_int=True))
+cg_ref = v4jax.params.flatten(seg_grad(cp32, ct, seg))   # seg: the forward's packed documents
+for spec in ["seq=4,expert=2", "data=2,seq=2,expert=2"]:
+    mesh_cp = sh.make_mesh(spec)
+    with jax.set_mesh(mesh_cp):
+        ps = sh.place(ccfg, cp32)
+        t, sg = (jax.device_put(a, NamedSharding(mesh_cp, P("data", "seq"))) for a in (ct, seg))
+        compiled = seg_grad.lower(ps, t, sg).compile()           # one compile: its HLO and its gradients
+        rel = rel_errors(v4jax.params.flatten(compiled(ps, t, sg)), cg_ref)
+    out[f"grad {spec}"] = {"max_rel": max(rel.values()), "worst": max(rel, key=rel.get),
+                           "full_seq_float_gathers": full_seq_float_gathers(all_gathers(compiled.as_text()), S)}
 
 def decode_max_err(mesh, toks, prompt, n_steps, spec):
     """Max |sharded - unsharded| over the prefill logits and n_steps decode steps."""
