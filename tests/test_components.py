@@ -87,6 +87,120 @@ def test_hc_pre_post_head_against_numpy():
                                rtol=1e-5, atol=1e-5)
 
 
+def _np64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def _dot_dtypes(jaxpr) -> list:
+    """Operand dtypes of every dot_general in a jaxpr, sub-jaxprs included."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in e.invars))
+        for v in e.params.values():
+            for j in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+                    out += _dot_dtypes(j.jaxpr)
+                elif hasattr(j, "eqns"):
+                    out += _dot_dtypes(j)
+    return out
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+def test_hc_post_elementwise_matches_float64_with_gradients(dt):
+    """hc_post's stream mix: for bf16 streams an elementwise sum of exact products (no batched GEMM, custom VJP),
+    for fp32 the einsum: value and gradients against float64."""
+    n, D = 4, 48
+    X = jnp.asarray(randn(2, 5, n, D), dt)
+    f = jnp.asarray(randn(2, 5, D), dt)
+    post = jnp.asarray(2 * rng.random((2, 5, n)), jnp.float32)
+    comb = jnp.asarray(rng.random((2, 5, n, n)), jnp.float32)
+    G = randn(2, 5, n, D)
+    out, vjp = jax.vjp(hyper.hc_post, X, f, post, comb)
+    dX, df, dpost, dcomb = jax.jit(vjp)(jnp.asarray(G, dt))
+    Xd, fd, pd, cd, Gd = _np64(X), _np64(f), _np64(post), _np64(comb), _np64(jnp.asarray(G, dt))
+    ref = pd[..., None] * fd[..., None, :] + np.einsum("bsjk,bsjd->bskd", cd, Xd)
+    scale = np.abs(pd)[..., None] * np.abs(fd)[..., None, :] + np.einsum("bsjk,bsjd->bskd", cd, np.abs(Xd))
+    tol = 2.0 ** -8 if dt == jnp.bfloat16 else 2.0 ** -21                 # output rounding to X.dtype
+    assert out.dtype == dt and (np.abs(_np64(out) - ref) <= tol * scale).all()
+    gtol = 2.0 ** -8 if dt == jnp.bfloat16 else 2.0 ** -21                # dX, df rounded to X.dtype
+    checks = [(dX, np.einsum("bsjk,bskd->bsjd", cd, Gd), np.einsum("bsjk,bskd->bsjd", cd, np.abs(Gd)), gtol),
+              (df, np.einsum("bsk,bskd->bsd", pd, Gd), np.einsum("bsk,bskd->bsd", pd, np.abs(Gd)), gtol),
+              (dpost, np.einsum("bskd,bsd->bsk", Gd, fd), np.einsum("bskd,bsd->bsk", np.abs(Gd), np.abs(fd)),
+               2.0 ** -21),
+              (dcomb, np.einsum("bskd,bsjd->bsjk", Gd, Xd), np.einsum("bskd,bsjd->bsjk", np.abs(Gd), np.abs(Xd)),
+               2.0 ** -21)]
+    for got, exact, sc, t in checks:
+        assert (np.abs(_np64(got) - exact) <= t * sc).all()
+    if dt == jnp.bfloat16:
+        # no dot_general left, forward or backward (XLA ran the batched [n,n] x [n,D] einsum as fp32 SIMT GEMMs
+        # on GPU); the products are exact, so the elementwise sums give the same bits unjitted, jitted, and inside a
+        # larger jitted program (with or without FMA contraction)
+        jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(hyper.hc_post, *a)[1](out))(X, f, post, comb)
+        assert not _dot_dtypes(jaxpr.jaxpr)
+        with jax.disable_jit():
+            eager = jax.vjp(hyper.hc_post, X, f, post, comb)
+            eager = (eager[0], *eager[1](jnp.asarray(G, dt)))
+        fused = jax.jit(lambda *a: jax.vjp(lambda X, f, p, c: hyper.hc_post(X * 1, f, p * 1, c), *a)[1](
+            jnp.asarray(G, dt)) + (hyper.hc_post(*a) * 2,))(X, f, post, comb)
+        # elementwise parts bit-equal; dpost and dcomb are reductions over D (XLA's order: last bits may differ)
+        for a, b in zip(eager[:3], (out, dX, df)):
+            np.testing.assert_array_equal(_np64(a), _np64(b))
+        np.testing.assert_array_equal(_np64(fused[-1]), 2 * _np64(out))
+        for a, b in zip(fused[:2], (dX, df)):
+            np.testing.assert_array_equal(_np64(a), _np64(b))
+        for a, b in zip(eager[3:] + fused[2:4], (dpost, dcomb) * 2):
+            np.testing.assert_allclose(_np64(a), _np64(b), rtol=1e-6, atol=1e-6)
+
+
+def _mixes_f64(X, fn, G, eps):
+    """float64 _mixes and its VJP: m = (x @ fn^T) * r, r = (mean(x^2) + eps)^-1/2."""
+    x = X.reshape(X.shape[:-2] + (-1,))
+    K = x.shape[-1]
+    r = 1 / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+    y = x @ fn.T
+    dfn = np.einsum("bsm,bsi->mi", G * r, x)
+    dx = (G * r) @ fn - np.sum(G * y, -1, keepdims=True) * r ** 3 * x / K
+    scale_x = (np.abs(G) * r) @ np.abs(fn) + np.sum(np.abs(G * y), -1, keepdims=True) * r ** 3 * np.abs(x) / K
+    return (y * r, np.abs(x) @ np.abs(fn).T * r), (dx.reshape(X.shape), scale_x.reshape(X.shape)), \
+        (dfn, np.einsum("bsm,bsi->mi", np.abs(G) * r, np.abs(x)))
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+def test_mixes_split_path_matches_float64(dt, monkeypatch):
+    """On GPU `_mixes` runs layers.split_dot_nt (bf16 GEMMs on exact parts): value, dX and dfn as the fp32 einsum
+    up to summation order, checked against float64 (the split path forced on CPU)."""
+    n, D, M, eps = 4, 40, 24, 1e-6
+    X = jnp.asarray(randn(2, 40, n, D), dt)                                # 80 rows > skinny.MAX_ROWS
+    fn = jnp.asarray(randn(M, n * D, scale=0.1))
+    G = jnp.asarray(randn(2, 40, M))
+    (mx, sm), (dxx, sx), (dff, sf) = _mixes_f64(_np64(X), _np64(fn), _np64(G), eps)
+    for backend in ("reference", "gpu"):
+        monkeypatch.setattr(layers, "split_backend", lambda b=backend: b)
+        assert hyper.uses_split_mixes(X) == (backend == "gpu")
+        f = lambda X, fn: hyper._mixes(X, fn, eps)
+        m, vjp = jax.vjp(f, X, fn)
+        dX, dfn = jax.jit(vjp)(G)
+        dots = _dot_dtypes(jax.make_jaxpr(lambda X, fn: jax.vjp(f, X, fn)[1](G))(X, fn).jaxpr)
+        if backend == "gpu":
+            assert dots and all(d == ("bfloat16", "bfloat16") for d in dots)
+        assert m.dtype == dfn.dtype == jnp.float32 and dX.dtype == dt
+        assert (np.abs(_np64(m) - mx) <= 2.0 ** -20 * sm).all()
+        assert (np.abs(_np64(dfn) - dff) <= 2.0 ** -20 * sf).all()
+        xtol = 2.0 ** -8 if dt == jnp.bfloat16 else 2.0 ** -20            # dX rounded to X.dtype
+        assert (np.abs(_np64(dX) - dxx) <= xtol * np.abs(dxx) + 2.0 ** -20 * sx).all()
+    # hc_pre / hc_head through the split path agree with the reference path
+    scale, base = jnp.asarray(1 + randn(3, scale=0.1)), jnp.asarray(randn(M))
+    outs = {}
+    for backend in ("reference", "gpu"):
+        monkeypatch.setattr(layers, "split_backend", lambda b=backend: b)
+        outs[backend] = (*hyper.hc_pre(X, fn, scale, base, norm_eps=eps, hc_eps=1e-6, iters=20),
+                         hyper.hc_head(X, fn[:n], scale[:1], base[:n], norm_eps=eps, hc_eps=1e-6))
+    for a, b in zip(outs["gpu"], outs["reference"]):
+        np.testing.assert_allclose(_np64(a), _np64(b), rtol=2.0 ** -7 if a.dtype == jnp.bfloat16 else 2e-5,
+                                   atol=1e-6)
+
+
 # ---- index sets -------------------------------------------------------------------------------------------
 def test_window_index_sets():
     w = np.asarray(attention.window_idx_prefill(6, 4))

@@ -5,6 +5,9 @@ numpy. Tolerances (relative to the summation scale sum_k |x_k w_k|, which bounds
   forward and dx   <= 2^-20 (fp32 accumulation rounding; the split itself is exact), vs up to 2^-8 for x rounded to bf16;
   dw before its bf16 rounding  <= 4 * 2^-16 (bf16x3: three dropped pair terms of <= 2^-16 each, + accumulation);
   dw as returned (bf16)        <= that + one bf16 half-ulp (<= 2^-8 relative) of the fp32 value.
+Also here: `layers.act_einsum` (bf16 linears: the backward as bf16 x bf16 GEMMs, autodiff's values up to
+summation order) and `layers.split_dot_nt` (fp32 x fp32 with a skinny fp32 weight, the mHC mixes: value, dx and
+dw within 2^-20 of float64 relative to the summation scale).
 """
 from __future__ import annotations
 
@@ -189,3 +192,122 @@ def test_dispatch_picks_split_on_gpu_only(monkeypatch):
 def test_reference_env_keeps_einsum(monkeypatch):
     monkeypatch.setenv("V4JAX_KERNELS", "reference")
     assert layers.split_backend() == "reference"
+
+
+# ---- act_einsum: bf16 GEMMs with a bf16 result, backward bf16 x bf16 --------------------------------------
+def _bf(shape, seed, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, bf16)
+
+
+def _old_act(sub):
+    """What linear_fp8 / linear_bf16 / attention._output computed before (and still do for fp32 activations)."""
+    return lambda x, w: quant.round_to(jnp.einsum(sub, x, w, preferred_element_type=f32, precision="highest"), bf16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu"])
+@pytest.mark.parametrize("sub,xs,ws", [("bsi,oi->bso", (3, 20, 96), (40, 96)),
+                                       ("bsgi,gri->bsgr", (2, 9, 4, 64), (4, 24, 64))])
+def test_act_einsum_matches_fp32_product_and_float64(sub, xs, ws, backend, monkeypatch):
+    monkeypatch.setattr(layers, "split_backend", lambda: backend)
+    x, w = _bf(xs, 20), _bf(ws, 21, 0.05)
+    y = jax.jit(lambda x, w: layers.act_einsum(sub, x, w))(x, w)
+    assert y.dtype == bf16
+    np.testing.assert_array_equal(_np(y), _np(jax.jit(_old_act(sub))(x, w)))          # same forward
+    ct = _bf(y.shape, 22)
+    grad = lambda x, w, c: jax.vjp(lambda a, b: layers.act_einsum(sub, a, b), x, w)[1](c)
+    dts = {d for d in _dots(jax.make_jaxpr(grad)(x, w, ct).jaxpr)}
+    assert dts == ({("bfloat16", "bfloat16")} if backend == "gpu" else {("bfloat16", "bfloat16"),
+                                                                       ("float32", "float32")})
+    if backend == "gpu" and sub.startswith("bsg"):
+        return          # XLA:CPU cannot run this batched bf16 x bf16 -> f32 dot (the reason for "reference")
+    new = jax.jit(grad)(x, w, ct)
+    old = jax.jit(lambda x, w, c: jax.vjp(_old_act(sub), x, w)[1](c))(x, w, ct)
+    X, W, G = _np(x), _np(w), _np(ct)
+    sx, sw = layers._transposed_subscripts(sub)
+    exact = (np.einsum(sx, G, W), np.einsum(sw, G, X))
+    scale = (np.einsum(sx, np.abs(G), np.abs(W)), np.einsum(sw, np.abs(G), np.abs(X)))
+    for got, ref, e, s in zip(new, old, exact, scale):
+        assert got.dtype == bf16
+        # one bf16 rounding (RNE, <= 2^-8 relative) of the fp32 sum of exact products
+        assert (np.abs(_np(got) - e) <= 2.0 ** -8 * np.abs(e) + TIGHT * s).all()
+        # = autodiff of the fp32-product formulation up to summation order: at most one bf16 ulp apart
+        assert (np.abs(_np(got) - _np(ref)) <= 2.0 ** -7 * np.abs(_np(ref)) + TIGHT * s).all()
+
+
+def test_act_einsum_backward_runs_bf16_dots_only(monkeypatch):
+    monkeypatch.setattr(layers, "split_backend", lambda: "gpu")
+    x, w = _bf((4, 32, 64), 23), _bf((48, 64), 24)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.act_einsum("...i,oi->...o", x, w)
+                                                         .astype(f32) ** 2), argnums=(0, 1)))(x, w)
+    dots = _dots(jaxpr.jaxpr)
+    assert len(dots) == 3 and all(d == ("bfloat16", "bfloat16") for d in dots)
+    # the old formulation's backward: f32 cotangent x bf16 operand (fp32 SIMT GEMMs on a GPU)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(_old_act("...i,oi->...o")(x, w).astype(f32) ** 2),
+                                    argnums=(0, 1)))(x, w)
+    assert sum("float32" in d for d in _dots(jaxpr.jaxpr)) == 2
+    with pytest.raises(TypeError):
+        layers.act_einsum("...i,oi->...o", x.astype(f32), w)
+    with pytest.raises(ValueError):
+        layers.act_einsum("ij,jk->i", x[0], w.T)                       # k only in w: no transposed einsum
+
+
+def _dots(jaxpr) -> list[tuple[str, str]]:
+    """Operand dtypes of every dot_general in jaxpr, sub-jaxprs included."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in e.invars))
+        for v in e.params.values():
+            for j in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+                    out += _dots(j.jaxpr)
+                elif hasattr(j, "eqns"):
+                    out += _dots(j)
+    return out
+
+
+def test_bf16_linears_take_act_einsum(monkeypatch):
+    import v4jax
+    monkeypatch.setattr(layers, "split_backend", lambda: "gpu")
+    cfg = v4jax.ModelConfig.preset("tiny")                              # bf16 activations, quant_sim on
+    w = _bf((48, 64), 25, 0.05)
+    x = _bf((2, 40, 64), 26)
+    for lin in (layers.linear_fp8, layers.linear_bf16):
+        y = lin(cfg, {"weight": w}, x)
+        xq = quant.fp8_sim(x, 128) if lin is layers.linear_fp8 else x
+        np.testing.assert_array_equal(_np(y), _np(_old_act("...i,oi->...o")(xq, w)))
+        jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(lin(cfg, {"weight": w}, x).astype(f32)),
+                                        argnums=(0, 1)))(x, w)
+        assert all(d == ("bfloat16", "bfloat16") for d in _dots(jaxpr.jaxpr))
+
+
+# ---- split_dot_nt: fp32 x fp32 with a skinny fp32 weight (the mHC mixes) -----------------------------------
+@pytest.mark.parametrize("x_bf16", [False, True])
+def test_split_dot_nt_matches_float64(x_bf16):
+    N, M, K = 72, 24, 384
+    x = _x((3, N // 3, K), seed=30, wide=not x_bf16)
+    if x_bf16:
+        x = x.astype(bf16).astype(f32)
+    w = _x((M, K), seed=31, wide=False) * 0.1
+    ct = _x((3, N // 3, M), seed=32)
+    y, vjp = jax.vjp(lambda a, b: layers.split_dot_nt(a, b, x_bf16=x_bf16), x, w)
+    dx, dw = jax.jit(vjp)(ct)
+    assert y.dtype == dx.dtype == dw.dtype == f32 and dx.shape == x.shape and dw.shape == w.shape
+    X, W, G = _np(x).reshape(N, K), _np(w), _np(ct).reshape(N, M)
+    assert _rel(y.reshape(N, M), X @ W.T, np.abs(X) @ np.abs(W).T) < TIGHT
+    assert _rel(dx.reshape(N, K), G @ W, np.abs(G) @ np.abs(W)) < TIGHT
+    assert _rel(dw, G.T @ X, np.abs(G).T @ np.abs(X)) < TIGHT
+    # the fp32 einsum it replaces agrees to the same tolerance; a bf16-rounded w would not
+    ref = lambda a, b: jnp.einsum("...i,mi->...m", a, b, precision="highest")
+    _, rvjp = jax.vjp(ref, x, w)
+    rdx, rdw = rvjp(ct)
+    assert _rel(rdw, G.T @ X, np.abs(G).T @ np.abs(X)) < TIGHT
+    assert _rel(_np(x).reshape(N, K) @ _np(w.astype(bf16)).T, X @ W.T, np.abs(X) @ np.abs(W).T) > 2.0 ** -12
+    # only bf16 dots, and a bf16 x is one part: 1 forward GEMM (x_bf16) or 3, 1 dx GEMM, 1 or 3 dw GEMMs
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(layers.split_dot_nt(a, b, x_bf16=x_bf16) * ct),
+                                    argnums=(0, 1)))(x, w)
+    dots = _dots(jaxpr.jaxpr)
+    assert all(d == ("bfloat16", "bfloat16") for d in dots)
+    assert len(dots) == (3 if x_bf16 else 7)
+    with pytest.raises(TypeError):
+        layers.split_dot_nt(x.astype(bf16), w)

@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
 from .sharding import active_axis_size
-from .layers import act_dtype, apply_rope, linear_bf16, linear_fp8, rms_norm, rope_table, uses_skinny, weight
+from .layers import (act_dtype, act_einsum, apply_rope, linear_bf16, linear_fp8, rms_norm, rope_table, uses_skinny,
+                     weight)
 from . import quant
 from .quant import round_to
 
@@ -111,8 +112,11 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
         o = jnp.stack([linear_bf16(cfg, node(i), o[:, :, i]) for i in range(g)], axis=2)
     else:
         wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
-        o = round_to(jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
-                                precision="highest"), dt)
+        if dt == jnp.bfloat16:      # same numerics; its backward runs bf16 x bf16 (layers.act_einsum)
+            o = act_einsum("bsgi,gri->bsgr", o.astype(dt), wo_a)
+        else:
+            o = round_to(jnp.einsum("bsgi,gri->bsgr", o.astype(dt), wo_a, preferred_element_type=f32,
+                                    precision="highest"), dt)
     return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
 
 

@@ -16,6 +16,12 @@ Above that range on an NVIDIA GPU, fp32 linears with a bf16 weight (`linear_f32`
 router -- all bf16 parameters, see params.py) run `split_matmul`: bf16 tensor-core GEMMs on exact bf16 parts of
 the fp32 operands instead of a true fp32 GEMM (no tensor cores on H100), with a custom VJP; the same product up to
 fp32 summation order (details in its docstring). Off GPU, and for fp32 / FP8 / FP4 weights, nothing changes.
+
+The bf16 linears (`linear_fp8` / `linear_bf16` with bf16 activations) run `act_einsum`: the same forward, and a
+custom VJP that feeds the bf16 cotangent of their bf16 output to bf16 x bf16 gradient GEMMs (autodiff would pass
+the fp32 cotangent of the fp32 product: f32 x bf16 dots that XLA runs as fp32 SIMT GEMMs on GPU; same values up to
+summation order). `split_dot_nt` is the fp32 x fp32 product with a skinny fp32 weight (the mHC mixes) on exact
+bf16 parts, value and gradients. `scripts/list_f32_dots.py` lists the fp32 dots left in the training step.
 """
 from __future__ import annotations
 
@@ -76,17 +82,25 @@ def _linear(x: jax.Array, node: dict, dt) -> jax.Array:
     return _matmul(x, weight(node, dt))
 
 
+def _linear_act(x: jax.Array, node: dict, dt) -> jax.Array:
+    """round_to(x @ W^T, dt) for x in the activation dtype dt: bf16 GEMMs go through `act_einsum` (a backward on
+    tensor cores); the skinny kernel and the fp32 (compute_dtype="float32") paths as before."""
+    if jnp.dtype(dt) == bf16 and not uses_skinny(x, node):
+        return act_einsum("...i,oi->...o", x, weight(node, dt))
+    return quant.round_to(_linear(x, node, dt), dt)
+
+
 def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
     x = x.astype(dt)
     if cfg.quant_sim:
         x = quant.fp8_sim(x, 128)
-    return quant.round_to(_linear(x, node, dt), dt)
+    return _linear_act(x, node, dt)
 
 
 def linear_bf16(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
-    return quant.round_to(_linear(x.astype(dt), node, dt), dt)
+    return _linear_act(x.astype(dt), node, dt)
 
 
 def linear_f32(node: dict, x: jax.Array) -> jax.Array:
@@ -212,6 +226,147 @@ def split_matmul(x: jax.Array, w: jax.Array, *, stack: str | None = None) -> jax
         raise ValueError(f"split_matmul: x {x.shape} does not end in K={w.shape[1]} (weight {w.shape})")
     lead = x.shape[:-1]
     y = _split_matmul2(x.reshape(-1, x.shape[-1]), w, stack)
+    return y.reshape(*lead, w.shape[0])
+
+
+# ---- bf16 GEMMs with a bf16 result: the backward on tensor cores -----------------------------------------
+def _transposed_subscripts(subscripts: str) -> tuple[str, str]:
+    """"A,B->C" -> ("C,B->A", "C,A->B"): the einsums of the two operand gradients."""
+    ins, out = subscripts.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    for mine, other in ((a, b), (b, a)):
+        if any(c not in other + out for c in mine.replace("...", "")):
+            raise ValueError(f"act_einsum: index of one operand in neither the other nor the output: {subscripts}")
+    return f"{out},{b}->{a}", f"{out},{a}->{b}"
+
+
+def _einsum32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(subscripts, a, b, preferred_element_type=f32, precision="highest")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _act_einsum(subscripts, x, w):
+    return quant.round_to(_einsum32(subscripts, x, w), bf16)
+
+
+def _act_einsum_fwd(subscripts, x, w):
+    return _act_einsum(subscripts, x, w), (x, w)
+
+
+def _act_einsum_bwd(subscripts, res, g):
+    x, w = res
+    sx, sw = _transposed_subscripts(subscripts)
+    # bf16 operands on GPU (tensor cores); elsewhere their exact fp32 upcasts, as autodiff had them (XLA:CPU
+    # rejects some batched bf16 x bf16 -> f32 dots: "Unsupported element type for DotThunk::Execute")
+    cdt = bf16 if split_backend() == "gpu" else f32
+    g, xc, wc = g.astype(cdt), x.astype(cdt), w.astype(cdt)
+    return (quant.round_to(_einsum32(sx, g, wc), x.dtype), quant.round_to(_einsum32(sw, g, xc), w.dtype))
+
+
+_act_einsum.defvjp(_act_einsum_fwd, _act_einsum_bwd)
+
+
+def act_einsum(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """round_to(einsum(subscripts, x, w) accumulated in fp32, bf16) for bf16 x and w -> bf16: the reference's bf16
+    GEMM (a bf16 linear, `attention._output`'s grouped wo_a), with a backward that runs on bf16 tensor cores.
+
+    Why: differentiating `round_to(einsum(..., preferred_element_type=f32), bf16)` gives the fp32 cotangent of the
+    fp32 product to both transposed dots, i.e. f32 x bf16 dots (precision HIGHEST) that XLA runs as fp32 SIMT
+    GEMMs on a GPU (issue 6: ~4.1 of the 4.3 TFLOP of fp32 GEMMs in the 1b training step, ~100 ms on H100).
+
+    Exactness: the cotangent g of the bf16 output is bf16; autodiff's fp32 cotangent of the product is f32(g)
+    exactly (the transposes of convert and reduce_precision keep bf16 values bf16). So here
+      dx = round_to(g @ w-transpose, x.dtype), dw = round_to(g-transpose @ x, w.dtype)
+    with g, w, x bf16 and fp32 accumulation (`preferred_element_type=f32`): the same exact products accumulated
+    in fp32 and rounded once (RNE) to the operand dtypes, i.e. autodiff's result up to fp32 summation order.
+    Where `split_backend()` is not "gpu" (CPU, V4JAX_KERNELS=reference) the gradient einsums take the fp32
+    upcasts of g, x, w instead (XLA:CPU does not run every batched bf16 x bf16 -> f32 dot): autodiff's dots.
+    The gradient einsums swap the output's subscripts with the operand's ("A,B->C": dA = "C,B->A", dB = "C,A->B"),
+    so every index of an operand must appear in the other operand or the output."""
+    if x.dtype != bf16 or w.dtype != bf16:
+        raise TypeError(f"act_einsum: bf16 operands expected, got {x.dtype} and {w.dtype}")
+    _transposed_subscripts(subscripts)
+    return _act_einsum(subscripts, x, w)
+
+
+# ---- fp32 x fp32 products with a skinny weight as bf16 tensor-core GEMMs ----------------------------------
+def _sum_blocks(y: jax.Array, n: int, axis: int) -> jax.Array:
+    """Sum of the n equal blocks of y along axis, left to right in fp32."""
+    m = y.shape[axis] // n
+    out = jax.lax.slice_in_dim(y, 0, m, axis=axis)
+    for i in range(1, n):
+        out = out + jax.lax.slice_in_dim(y, i * m, (i + 1) * m, axis=axis)
+    return out
+
+
+def _xparts(x: jax.Array, x_bf16: bool) -> list[jax.Array]:
+    return [x.astype(bf16)] if x_bf16 else split_parts(x)
+
+
+def _sdot(xps: list[jax.Array], w: jax.Array) -> jax.Array:
+    """sum_p xps[p] @ w^T for the bf16 parts of x [N, K] and fp32 w [M, K]: each x part against the row-stacked
+    parts of w (one [N, 3M] GEMM per x part), blocks summed in fp32."""
+    wst = jnp.concatenate(split_parts(w), axis=0)                                    # [3M, K]
+    y = None
+    for xp in xps:
+        v = _sum_blocks(_dot(xp, wst, 1, 1), 3, 1)                                    # [N, M]
+        y = v if y is None else y + v
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_dot_nt(x, w, x_bf16):
+    return _sdot(_xparts(x, x_bf16), w)
+
+
+def _split_dot_nt_fwd(x, w, x_bf16):
+    xps = _xparts(x, x_bf16)
+    return _sdot(xps, w), (xps, w)           # residuals: x's bf16 parts (one bf16 copy for x_bf16), w
+
+
+def _split_dot_nt_bwd(x_bf16, res, g):
+    xps, w = res
+    g = g.astype(f32)
+    gp, wp = split_parts(g), split_parts(w)
+    # dx = g @ w [N, K]: all 9 part pairs stacked along the (small) contraction M -> one GEMM of exact products
+    lhs = jnp.concatenate([gp[i] for i in range(3) for _ in range(3)], axis=1)      # [N, 9M]
+    rhs = jnp.concatenate([wp[j] for _ in range(3) for j in range(3)], axis=0)      # [9M, K]
+    dx = _dot(lhs, rhs, 1, 0)
+    # dw = g^T x [M, K]: the parts of g side by side, contracted over N against each part of x
+    gst = jnp.concatenate(gp, axis=1)                                                # [N, 3M]
+    dw = None
+    for xp in xps:
+        v = _sum_blocks(_dot(gst, xp, 0, 0), 3, 0)                                    # [M, K]
+        dw = v if dw is None else dw + v
+    return dx, dw
+
+
+_split_dot_nt.defvjp(_split_dot_nt_fwd, _split_dot_nt_bwd)
+
+
+def split_dot_nt(x: jax.Array, w: jax.Array, *, x_bf16: bool = False) -> jax.Array:
+    """x [..., K] @ w[M, K]^T for fp32 x and w -> fp32 [..., M], as bf16 tensor-core GEMMs: the fp32 einsum's
+    (precision HIGHEST) result and gradients up to fp32 summation order. Meant for a skinny w (few rows M: the
+    mHC mixes, M = 24 or 4, with K = n_hc * D), where the fp32 GEMMs run without tensor cores on a GPU.
+
+    x_bf16: the caller guarantees x holds bf16 values (an upcast bf16 array, e.g. the mHC streams): x is then its
+    own single exact part (cast back to bf16 inside, exactly) -- the dx returned stays fp32, unrounded.
+
+    Exactness: x = sum of its exact bf16 parts (`split_parts`: 1 for x_bf16, else 3), w = w_hi + w_mid + w_lo;
+    every product of two bf16 parts is exact in fp32, so summing all part pairs with fp32 accumulation gives the
+    fp32 product up to summation order:
+      y  = sum over x parts of x_p @ [w_hi; w_mid; w_lo]^T (one GEMM per x part, [N, 3M]), blocks summed in fp32;
+      dx = g @ w with the fp32 cotangent g split in 3 too: all 9 pairs in ONE GEMM, stacked along the contraction
+           (K' = 9M, small), output fp32 [N, K];
+      dw = g^T @ x: [g_hi | g_mid | g_lo] ([N, 3M]) contracted over N with each x part, blocks summed in fp32.
+    Costs (N rows): forward 3M x K x N per x part, dx 9M x K x N, dw 3M x K x N per x part, all on bf16 tensor
+    cores, against M x K x N fp32 SIMT per product. Leading dims of x are flattened around the custom VJP.
+    Limits: those of `split_parts` (|values| < 2^-103 lose parts below 2^-126; overflow above bf16's max)."""
+    if x.dtype != f32 or w.dtype != f32 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise TypeError(f"split_dot_nt: fp32 x [..., K] and w [M, K] expected, got {x.dtype} {x.shape}, "
+                        f"{w.dtype} {w.shape}")
+    lead = x.shape[:-1]
+    y = _split_dot_nt(x.reshape(-1, x.shape[-1]), w, bool(x_bf16))
     return y.reshape(*lead, w.shape[0])
 
 
