@@ -875,8 +875,15 @@ class Trainer:
         if self.mesh is None:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             return {k: jax.device_put(v, dev) for k, v in batch.items()}
-        spec = jax.sharding.PartitionSpec(None, "data" if self.c["mesh"]["data"] > 1 else None)
-        return {k: jax.device_put(v, jax.sharding.NamedSharding(self.mesh, spec)) for k, v in batch.items()}
+        # [grad_accum, rows, S] (train) or [rows, S] (eval): rows over data, the sequence over seq (context
+        # parallelism) when it divides
+        n_data, n_seq = self.c["mesh"]["data"], self.c["mesh"].get("seq", 1)
+
+        def spec(v):
+            seq = "seq" if n_seq > 1 and v.shape[-1] % n_seq == 0 else None
+            return jax.sharding.PartitionSpec(*[None] * (v.ndim - 2), "data" if n_data > 1 else None, seq)
+
+        return {k: jax.device_put(v, jax.sharding.NamedSharding(self.mesh, spec(v))) for k, v in batch.items()}
 
     def _tokenizer(self):
         spec = self.c["data"]["tokenizer"]
