@@ -478,3 +478,15 @@ def test_train_losses_chunked_equal_unchunked(small):
             for other in (g, g1):
                 err = float(jnp.max(jnp.abs(other[n].astype(jnp.float32) - g0[n].astype(jnp.float32))))
                 assert err <= 1e-5 * scale, (n, err, scale)
+
+
+def test_bench_train_rejects_batch_not_divisible_by_grad_accum():
+    """`python -m v4jax.bench train --batch 2 --grad-accum 16` fails with one message, before building anything."""
+    import argparse
+    from v4jax import bench_train
+    p = argparse.ArgumentParser()
+    bench_train.add_parser(p.add_subparsers(dest="cmd"))
+    for batch, accum in ((2, 16), (6, 4), (4, 0)):
+        args = p.parse_args(["train", "--size", "tiny", "--batch", str(batch), "--grad-accum", str(accum)])
+        with pytest.raises(SystemExit, match="must be a multiple of --grad-accum"):
+            bench_train.bench_train(args)

@@ -93,6 +93,9 @@ def _time(fn, n: int) -> float:
 def bench_train(args) -> dict:
     """Run the benchmark described in the module docstring; prints a table, returns (and optionally writes) JSON.
     With --meshes: the same step on each mesh in turn (the scaling table of issue 5)."""
+    if args.grad_accum < 1 or args.batch < args.grad_accum or args.batch % args.grad_accum:
+        raise SystemExit(f"bench train: --batch {args.batch} must be a multiple of --grad-accum {args.grad_accum} "
+                         f"(rows per step = micro-batch x grad_accum)")
     if getattr(args, "cpu_devices", None):
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if getattr(args, "meshes", None):
@@ -256,7 +259,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         else argparse.ArgumentParser(prog="python -m v4jax.bench_train", description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="rows per optimizer step (all micro-batches together)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
     p.add_argument("--optimizers", default="muon,adamw")
