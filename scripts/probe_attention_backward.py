@@ -60,7 +60,11 @@ SWEEP = [dict(num_warps=8),
          dict(num_stages=2),
          dict(heads_per_program=32, block=16, num_warps=8),
          dict(heads_per_program=32, block=32, k_chunk=64, num_warps=8),
-         dict(heads_per_program=64, block=16, k_chunk=64, num_warps=8)]
+         dict(heads_per_program=64, block=16, k_chunk=64, num_warps=8),
+         dict(num_warps=8, num_stages=2),
+         dict(block=16, num_warps=8),
+         dict(k_chunk=64, num_warps=8),
+         dict(block=64, k_chunk=64, num_warps=8)]
 
 
 def make_inputs(S: int, H: int, K: int, window: int, topk: int, ratio: int, seed: int = 0):
