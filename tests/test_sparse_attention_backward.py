@@ -139,11 +139,17 @@ def test_dispatch_uses_gpu_backward_for_long_pools(monkeypatch):
 
 
 def test_gpu_backward_plan():
-    """Heads padded to 16 and split in groups of 16 on the GPU; K split in 128-column chunks; T padded to blocks."""
-    p = gbw.plan(64, 512, 640)
-    assert (p["Hp"], p["hb"], p["G"], p["bt"], p["nb"], p["kc"]) == (64, 16, 4, 32, 20, 128)
+    """GPU launch plan (the H100 sweep's best): heads padded to 16, at most 64 per program (list blocks of 16 then,
+    else 32); K in 64-column chunks; T padded to whole blocks."""
+    p = gbw.plan(64, 512, 640)                                       # Flash
+    assert (p["Hp"], p["hb"], p["G"], p["bt"], p["nb"], p["kc"]) == (64, 64, 1, 16, 40, 64)
+    p = gbw.plan(128, 512, 1152)                                     # Pro: two head groups
+    assert (p["Hp"], p["hb"], p["G"], p["bt"], p["nb"], p["kc"]) == (128, 64, 2, 16, 72, 64)
+    p = gbw.plan(16, 512, 640)                                       # bench train --size 1b
+    assert (p["Hp"], p["hb"], p["G"], p["bt"], p["nb"], p["kc"]) == (16, 16, 1, 32, 20, 64)
     p = gbw.plan(3, 64, 70)
     assert (p["Hp"], p["hb"], p["G"], p["Tp"], p["kc"]) == (16, 16, 1, 96, 64)
+    assert gbw.plan(64, 512, 640, heads_per_program=16, block=64, k_chunk=128)["bt"] == 64
     assert gbw.plan(3, 64, 70, interpret=True)["Hp"] == 3
     for bad in (dict(heads_per_program=24), dict(block=8), dict(k_chunk=96)):
         with pytest.raises(ValueError):
@@ -159,6 +165,7 @@ def _abstract_bwd(B, S, H, K, N, T, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("shape,kw", [
     ((1, 8192, 64, 512, 10240, 640), dict()),                                      # Flash, training at 8K
     ((1, 8192, 64, 512, 10240, 640), dict(heads_per_program=32, block=16, k_chunk=512, num_warps=8)),
+    ((1, 4096, 128, 512, 5120, 1152), dict()),                                     # Pro: 2 groups of 64 heads
     ((1, 8192, 16, 512, 10240, 384), dict()),                                      # bench train --size 1b
     ((2, 64, 3, 64, 1000, 70), dict()),                                            # H < 16: padded heads
 ])

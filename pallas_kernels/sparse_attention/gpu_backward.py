@@ -38,16 +38,18 @@ Tiles and resource limits (K = 512, H = 64 in Flash): the live tiles of a progra
 the dq accumulator [hb, K] fp32 and, per block, the gathered rows [bt, K] (bf16) and dkv_rows [bt, K] fp32. At
 hb = 64, bt = 64, K = 512 that is > 400 KB per program, far beyond the register file (64K 32-bit registers per
 SM, <= 255 per thread) -- Triton would spill everything or fail on shared memory. So:
-  * heads are split over programs: `heads_per_program` (default 16; Triton's tl.dot needs M >= 16, fewer heads
-    are zero-padded to 16; padded heads have q = dO = O = 0, so dz = p^T dO = 0 and they add nothing);
-  * K is split inside the program: `k_chunk` (default 128) -- the scores are accumulated over K chunks, and the
+  * heads are split over programs: `heads_per_program` (default min(H, 64); Triton's tl.dot needs M >= 16, fewer
+    heads are zero-padded to 16; padded heads have q = dO = O = 0, so dz = p^T dO = 0 and they add nothing);
+  * K is split inside the program: `k_chunk` (default 64) -- the scores are accumulated over K chunks, and the
     dq / dkv products are formed per chunk (dq is a tuple of [hb, k_chunk] accumulators, each dkv chunk
     [bt, k_chunk] is added atomically on its own); the chunk's rows are re-gathered for the second half of the
     block (an L1/L2 hit) rather than kept live, so a block holds [bt, k_chunk] tiles, not [bt, K];
-  * `block` (bt, default 32) list entries per step.
-At the defaults (hb 16, bt 32, k_chunk 128, 4 warps) the live set is ~8K fp32 (dq) + 4K fp32 (dkv chunk) + 4K
-bf16 (rows chunk) + 2 x 2K bf16 (q, dO chunks) + 4 x 512 fp32 (z, dP, p, dz) elements, ~150 32-bit registers
-per thread at 128 threads: no spills expected, and a few tens of KB of shared memory for the dot operands.
+  * `block` (bt, default 16 with 64 heads per program, else 32) list entries per step.
+Defaults (8 warps): the best of `scripts/probe_attention_backward.py --sweep` on an H100 at S = 8192, T = 640,
+K = 512 (docs/benchmarks.md, session 5): H = 16: k_chunk 64 + 8 warps 17.4 ms (the session 4 launch -- 16 heads,
+bt 32, k_chunk 128, 4 warps -- 20.8 ms); H = 64: 64 heads per program, bt 16, k_chunk 64, 8 warps 61.1 ms (80.1 ms).
+The live set at 64 heads is dominated by the dq accumulator ([64, 512] fp32, 128 registers per thread at 256
+threads); one head group per query row then reads the gathered rows once instead of four times.
 The lowering test (tests/test_sparse_attention_backward.py) builds the Triton IR at Flash training shapes; it
 cannot check PTX resource limits, which only a GPU run (scripts/probe_attention_backward.py) checks.
 Cost model at H = 64: G = H / hb programs per row each gather the row's listed rows (mostly from L2: the pool is
@@ -84,10 +86,10 @@ from .gpu import MIN_HEADS
 
 f32 = jnp.float32
 
-BLOCK = 32            # list entries per step
-HEADS = 16            # heads per program
-K_CHUNK = 128         # K columns per product chunk
-NUM_WARPS = 4
+BLOCK = 32            # list entries per step (16 when a program holds 64 or more heads)
+HEADS = 64            # heads per program (at most)
+K_CHUNK = 64          # K columns per product chunk
+NUM_WARPS = 8
 NUM_STAGES = 1
 
 
@@ -193,7 +195,7 @@ def _bwd_kernel(q_ref, do_ref, o_ref, kv_ref, idx_ref, sink_ref, _dkv_in, dq_ref
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
-def plan(H: int, K: int, T: int, *, heads_per_program: int | None = None, block: int = BLOCK,
+def plan(H: int, K: int, T: int, *, heads_per_program: int | None = None, block: int | None = None,
          k_chunk: int | None = None, interpret: bool = False) -> dict:
     """The launch for these shapes: padded heads Hp, heads per program hb, head groups G, list block bt, padded
     list length Tp, blocks nb, K chunk kc."""
@@ -203,6 +205,7 @@ def plan(H: int, K: int, T: int, *, heads_per_program: int | None = None, block:
         hb = next(d for d in range(min(Hp, HEADS), 0, -1) if Hp % d == 0)
     if Hp % hb:
         raise ValueError(f"sparse_attention backward (gpu): heads_per_program={hb} does not divide H={Hp}")
+    block = block or (16 if hb >= 64 else BLOCK)
     kc = min(K, k_chunk or K_CHUNK)
     if K % kc:
         raise ValueError(f"sparse_attention backward (gpu): k_chunk={kc} does not divide K={K}")
@@ -216,7 +219,7 @@ def plan(H: int, K: int, T: int, *, heads_per_program: int | None = None, block:
 
 @functools.partial(jax.jit, static_argnames=("scale", "block", "heads_per_program", "k_chunk", "num_warps",
                                              "num_stages", "interpret"))
-def sparse_attention_bwd(q, kv, idx, sink, out, g, scale: float, *, block: int = BLOCK,
+def sparse_attention_bwd(q, kv, idx, sink, out, g, scale: float, *, block: int | None = None,
                          heads_per_program: int | None = None, k_chunk: int | None = None,
                          num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, interpret: bool = False):
     """(dq, dkv, dsink) of reference.sparse_attention at (q, kv, idx, sink, scale) for the output cotangent g.
