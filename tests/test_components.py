@@ -10,7 +10,7 @@ import v4jax
 from pallas_kernels.sparse_attention.reference import sparse_attention
 from v4jax import attention, compressor, hyper, indexer, layers, moe
 from v4jax.model import block_params
-from np_reference import np_sinkhorn
+from np_reference import dot_dtypes, np_sinkhorn
 
 F32 = v4jax.ModelConfig.preset("tiny", quant_sim=False, compute_dtype="float32")
 rng = np.random.default_rng(0)
@@ -91,21 +91,6 @@ def _np64(a):
     return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 
 
-def _dot_dtypes(jaxpr) -> list:
-    """Operand dtypes of every dot_general in a jaxpr, sub-jaxprs included."""
-    out = []
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            out.append(tuple(str(v.aval.dtype) for v in e.invars))
-        for v in e.params.values():
-            for j in (v if isinstance(v, (tuple, list)) else (v,)):
-                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-                    out += _dot_dtypes(j.jaxpr)
-                elif hasattr(j, "eqns"):
-                    out += _dot_dtypes(j)
-    return out
-
-
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
 def test_hc_post_elementwise_matches_float64_with_gradients(dt):
     """hc_post's stream mix: for bf16 streams an elementwise sum of exact products (no batched GEMM, custom VJP),
@@ -137,7 +122,7 @@ def test_hc_post_elementwise_matches_float64_with_gradients(dt):
         # on GPU); the products are exact, so the elementwise sums give the same bits unjitted, jitted, and inside a
         # larger jitted program (with or without FMA contraction)
         jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(hyper.hc_post, *a)[1](out))(X, f, post, comb)
-        assert not _dot_dtypes(jaxpr.jaxpr)
+        assert not dot_dtypes(jaxpr.jaxpr)
         with jax.disable_jit():
             eager = jax.vjp(hyper.hc_post, X, f, post, comb)
             eager = (eager[0], *eager[1](jnp.asarray(G, dt)))
@@ -181,7 +166,7 @@ def test_mixes_split_path_matches_float64(dt, monkeypatch):
         f = lambda X, fn: hyper._mixes(X, fn, eps)
         m, vjp = jax.vjp(f, X, fn)
         dX, dfn = jax.jit(vjp)(G)
-        dots = _dot_dtypes(jax.make_jaxpr(lambda X, fn: jax.vjp(f, X, fn)[1](G))(X, fn).jaxpr)
+        dots = dot_dtypes(jax.make_jaxpr(lambda X, fn: jax.vjp(f, X, fn)[1](G))(X, fn).jaxpr)
         if backend == "gpu":
             assert dots and all(d == ("bfloat16", "bfloat16") for d in dots)
         assert m.dtype == dfn.dtype == jnp.float32 and dX.dtype == dt

@@ -18,6 +18,7 @@ import pytest
 
 from pallas_kernels import linear as skinny
 from v4jax import layers, quant
+from np_reference import dot_dtypes
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 TIGHT = 2.0 ** -20
@@ -215,7 +216,7 @@ def test_act_einsum_matches_fp32_product_and_float64(sub, xs, ws, backend, monke
     np.testing.assert_array_equal(_np(y), _np(jax.jit(_old_act(sub))(x, w)))          # same forward
     ct = _bf(y.shape, 22)
     grad = lambda x, w, c: jax.vjp(lambda a, b: layers.act_einsum(sub, a, b), x, w)[1](c)
-    dts = {d for d in _dots(jax.make_jaxpr(grad)(x, w, ct).jaxpr)}
+    dts = {d for d in dot_dtypes(jax.make_jaxpr(grad)(x, w, ct).jaxpr)}
     assert dts == ({("bfloat16", "bfloat16")} if backend == "gpu" else {("bfloat16", "bfloat16"),
                                                                        ("float32", "float32")})
     if backend == "gpu" and sub.startswith("bsg"):
@@ -239,31 +240,16 @@ def test_act_einsum_backward_runs_bf16_dots_only(monkeypatch):
     x, w = _bf((4, 32, 64), 23), _bf((48, 64), 24)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.act_einsum("...i,oi->...o", x, w)
                                                          .astype(f32) ** 2), argnums=(0, 1)))(x, w)
-    dots = _dots(jaxpr.jaxpr)
+    dots = dot_dtypes(jaxpr.jaxpr)
     assert len(dots) == 3 and all(d == ("bfloat16", "bfloat16") for d in dots)
     # the old formulation's backward: f32 cotangent x bf16 operand (fp32 SIMT GEMMs on a GPU)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(_old_act("...i,oi->...o")(x, w).astype(f32) ** 2),
                                     argnums=(0, 1)))(x, w)
-    assert sum("float32" in d for d in _dots(jaxpr.jaxpr)) == 2
+    assert sum("float32" in d for d in dot_dtypes(jaxpr.jaxpr)) == 2
     with pytest.raises(TypeError):
         layers.act_einsum("...i,oi->...o", x.astype(f32), w)
     with pytest.raises(ValueError):
         layers.act_einsum("ij,jk->i", x[0], w.T)                       # k only in w: no transposed einsum
-
-
-def _dots(jaxpr) -> list[tuple[str, str]]:
-    """Operand dtypes of every dot_general in jaxpr, sub-jaxprs included."""
-    out = []
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            out.append(tuple(str(v.aval.dtype) for v in e.invars))
-        for v in e.params.values():
-            for j in (v if isinstance(v, (tuple, list)) else (v,)):
-                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-                    out += _dots(j.jaxpr)
-                elif hasattr(j, "eqns"):
-                    out += _dots(j)
-    return out
 
 
 def test_bf16_linears_take_act_einsum(monkeypatch):
@@ -278,7 +264,7 @@ def test_bf16_linears_take_act_einsum(monkeypatch):
         np.testing.assert_array_equal(_np(y), _np(_old_act("...i,oi->...o")(xq, w)))
         jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(lin(cfg, {"weight": w}, x).astype(f32)),
                                         argnums=(0, 1)))(x, w)
-        assert all(d == ("bfloat16", "bfloat16") for d in _dots(jaxpr.jaxpr))
+        assert all(d == ("bfloat16", "bfloat16") for d in dot_dtypes(jaxpr.jaxpr))
 
 
 # ---- split_dot_nt: fp32 x fp32 with a skinny fp32 weight (the mHC mixes) -----------------------------------
@@ -306,7 +292,7 @@ def test_split_dot_nt_matches_float64(x_bf16):
     # only bf16 dots, and a bf16 x is one part: 1 forward GEMM (x_bf16) or 3, 1 dx GEMM, 1 or 3 dw GEMMs
     jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(layers.split_dot_nt(a, b, x_bf16=x_bf16) * ct),
                                     argnums=(0, 1)))(x, w)
-    dots = _dots(jaxpr.jaxpr)
+    dots = dot_dtypes(jaxpr.jaxpr)
     assert all(d == ("bfloat16", "bfloat16") for d in dots)
     assert len(dots) == (3 if x_bf16 else 7)
     with pytest.raises(TypeError):
