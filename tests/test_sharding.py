@@ -59,8 +59,9 @@ def test_sharded_forward_equals_unsharded(multidevice, spec):
 
 
 def test_sharded_gradients_equal_unsharded(multidevice):
-    # fp32; the reduce-scatter and the backward of softmax/top-k reorder sums: measured max 4e-3 of a leaf's max
-    assert multidevice["grad_max_rel"] < 1e-2, (multidevice["grad_worst"], multidevice["grad_max_rel"])
+    # fp32 parameters and compute; the reduce-scatter and the backward of softmax/top-k reorder sums: measured max
+    # 2.2e-5 of a leaf's max (an mHC scale), as the context-parallel gradient test
+    assert multidevice["grad_max_rel"] < 1e-3, (multidevice["grad_worst"], multidevice["grad_max_rel"])
 
 
 @pytest.mark.parametrize("spec", ["seq=4,expert=2", "data=2,seq=2,expert=2"])

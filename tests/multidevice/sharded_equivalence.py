@@ -53,9 +53,11 @@ for spec in ["expert=8", "seq=4,expert=2", "data=2,seq=2,expert=2", "tensor=2,ex
                  # context parallelism: no float all-gather has a full-sequence dimension
                  "full_seq_float_gathers": full_seq_float_gathers(gathers, S)}
 
-# gradients (training path) under data=2 x expert=4
+# gradients (training path) under data=2 x expert=4; fp32 parameters (bf16 ones would round every gradient to bf16:
+# ~8e-3 of a leaf's max whatever the sharding does)
 tcfg = v4jax.ModelConfig.preset("tiny-pro", quant_sim=False, compute_dtype="float32")
-tp = v4jax.init_params(tcfg, jax.random.key(2), dtype="bf16")
+f32_params = lambda p: jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, p)
+tp = f32_params(v4jax.init_params(tcfg, jax.random.key(2), dtype="bf16"))
 tt = jax.random.randint(jax.random.key(3), (4, 48), 0, tcfg.vocab_size)
 
 
@@ -94,8 +96,7 @@ out["grad_worst"] = max(rel, key=rel.get)
 # so the gradients come out in fp32: with bf16 parameters every leaf's error is about one bf16 ulp of its max
 # (8e-3) whatever the sharding does, which would hide a wrong contribution from a few tokens.
 ccfg = tcfg.replace(num_hidden_layers=2, num_hash_layers=1, compress_ratios=(4, 128, 0))
-cp32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a,
-                    v4jax.init_params(ccfg, jax.random.key(2), dtype="bf16"))
+cp32 = f32_params(v4jax.init_params(ccfg, jax.random.key(2), dtype="bf16"))
 ct = jax.random.randint(jax.random.key(5), (2, S), 0, ccfg.vocab_size)
 
 
