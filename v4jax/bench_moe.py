@@ -135,8 +135,11 @@ def bench_moe(args) -> int:
             return mm(x, w1), mm(x, w3), mm(h, w2)
         return jax.jit(layer)
 
+    def launch(cfg, fm):                         # "-mma" formats: the FP8 x FP8 dots
+        return dict(cfg, **({"mma": "fp8"} if fm.endswith("-mma") else {}))
+
     def kernel_layer(cfg, fm="bf16"):
-        return _kernel_layer(tuple(sorted(dict(cfg, **({"mma": "fp8"} if fm.endswith("-mma") else {})).items())))
+        return _kernel_layer(tuple(sorted(launch(cfg, fm).items())))
 
     def ref_layer(x, h, gs, w1, w3, w2):
         mm = lambda a, n: ref_gmm(a, n["weight"], gs).astype(jnp.bfloat16)
@@ -215,7 +218,7 @@ def bench_moe(args) -> int:
                 continue
             n1 = W[fm][0]
             p = gpu.grouped_matmul(x, n1["weight"], gs, n1["scale"], out_dtype=jnp.bfloat16, interpret=interpret,
-                                   **dict(best[fm], **({"mma": "fp8"} if fm.endswith("-mma") else {})))
+                                   **launch(best[fm], fm))
             q = capacity.grouped_matmul(x, dequantize(n1["weight"], n1["scale"]), gs, capacity=cap,
                                         out_dtype=jnp.bfloat16)
             err = rel(p, q)

@@ -11,7 +11,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import linear as skinny
 from pallas_kernels.sinkhorn import sinkhorn as _sinkhorn
 
 from . import layers
@@ -23,8 +22,9 @@ f32 = jnp.float32
 def uses_split_mixes(X: jax.Array) -> bool:
     """Whether `_mixes` runs its product as `layers.split_dot_nt` (bf16 tensor-core GEMMs on exact parts): where
     `layers.uses_split` would split an fp32 linear -- the split backend is "gpu" (NVIDIA GPUs, unless
-    V4JAX_KERNELS=reference) and more than `skinny.MAX_ROWS` tokens (decode keeps the plain einsum)."""
-    return math.prod(X.shape[:-2]) > skinny.MAX_ROWS and layers.split_backend() == "gpu"
+    V4JAX_KERNELS=reference) and more than `pallas_kernels.linear.MAX_ROWS` tokens (decode keeps the plain
+    einsum): `layers.split_rows`."""
+    return layers.split_rows(math.prod(X.shape[:-2]))
 
 
 def _mixes(X: jax.Array, fn: jax.Array, eps: float) -> jax.Array:

@@ -124,6 +124,13 @@ def split_backend() -> str:
     return platform_backend(("reference", "gpu"))
 
 
+def split_rows(rows: int) -> bool:
+    """Whether a product over `rows` rows takes the bf16 split GEMMs: the split backend is "gpu" and there are more
+    rows than the skinny decode kernel serves (up to MAX_ROWS rows it, or XLA's one-row reduction, keeps
+    priority). Shared by `uses_split` and the mHC mixes (`hyper.uses_split_mixes`)."""
+    return rows > skinny.MAX_ROWS and split_backend() == "gpu"
+
+
 def uses_split(x: jax.Array, node: dict, dt) -> bool:
     """Whether an fp32-compute linear (dt fp32: `linear_f32`, and also `linear_fp8`/`linear_bf16` under
     compute_dtype="float32") runs `split_matmul`: the split backend is "gpu", the weight is a plain bf16 [O, K]
@@ -134,7 +141,7 @@ def uses_split(x: jax.Array, node: dict, dt) -> bool:
     products per pair for fp32 accuracy, and only bf16 weights are exact as one part."""
     w = node["weight"]
     return (jnp.dtype(dt) == f32 and "scale" not in node and w.dtype == bf16 and w.ndim == 2
-            and math.prod(x.shape[:-1]) > skinny.MAX_ROWS and split_backend() == "gpu")
+            and split_rows(math.prod(x.shape[:-1])))
 
 
 def split_parts(a: jax.Array) -> list[jax.Array]:
@@ -146,6 +153,15 @@ def split_parts(a: jax.Array) -> list[jax.Array]:
 def _dot(a, b, ca: int, cb: int) -> jax.Array:
     """One bf16 GEMM with fp32 accumulation: a [N, C] x b (C on axis cb) -> [N, D] fp32 (exact products)."""
     return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=f32)
+
+
+def _sum_blocks(y: jax.Array, n: int, axis: int) -> jax.Array:
+    """Sum of the n equal blocks of y along axis, left to right in fp32."""
+    m = y.shape[axis] // n
+    out = jax.lax.slice_in_dim(y, 0, m, axis=axis)
+    for i in range(1, n):
+        out = out + jax.lax.slice_in_dim(y, i * m, (i + 1) * m, axis=axis)
+    return out
 
 
 def _parts_dot(a: jax.Array, b: jax.Array, cb: int, stack: str | None) -> jax.Array:
@@ -165,8 +181,7 @@ def _parts_dot(a: jax.Array, b: jax.Array, cb: int, stack: str | None) -> jax.Ar
         return _dot(jnp.concatenate(ps, axis=1), jnp.concatenate([b] * 3, axis=cb), 1, cb)
     if stack != "rows":
         raise ValueError(f"split_matmul: stack must be None, 'rows' or 'inner', got {stack!r}")
-    y = _dot(jnp.concatenate(ps, axis=0), b, 1, cb)
-    return (y[:N] + y[N:2 * N]) + y[2 * N:]
+    return _sum_blocks(_dot(jnp.concatenate(ps, axis=0), b, 1, cb), 3, 0)
 
 
 def _dw(g: jax.Array, x: jax.Array) -> jax.Array:
@@ -290,15 +305,6 @@ def act_einsum(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 # ---- fp32 x fp32 products with a skinny weight as bf16 tensor-core GEMMs ----------------------------------
-def _sum_blocks(y: jax.Array, n: int, axis: int) -> jax.Array:
-    """Sum of the n equal blocks of y along axis, left to right in fp32."""
-    m = y.shape[axis] // n
-    out = jax.lax.slice_in_dim(y, 0, m, axis=axis)
-    for i in range(1, n):
-        out = out + jax.lax.slice_in_dim(y, i * m, (i + 1) * m, axis=axis)
-    return out
-
-
 def _xparts(x: jax.Array, x_bf16: bool) -> list[jax.Array]:
     return [x.astype(bf16)] if x_bf16 else split_parts(x)
 
