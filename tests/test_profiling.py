@@ -50,3 +50,43 @@ def test_summarize_per_step(tmp_path):
 def test_missing_trace_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="xplane"):
         profiling.kernel_table(str(tmp_path))
+
+
+HLO = '''HloModule jit_f
+
+FileNames
+1 "/x/v4jax/model.py"
+2 "/x/v4jax/layers.py"
+
+FunctionNames
+1 "decode_step"
+2 "rms_norm"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=290 end_line=290 column=1 end_column=2}
+2 {file_name_id=2 function_name_id=2 line=118 end_line=118 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %loop_add_fusion = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/add" stack_frame_id=2}
+}
+'''
+
+
+def test_hlo_sources_reads_stack_frames():
+    src = profiling.hlo_sources(HLO)
+    # frame 2 is layers.py:118 called from frame 1 (parent ids are printed one above the parent's id)
+    assert src["loop_add_fusion"] == ("layers.py:118 rms_norm < model.py:290 decode_step", "jit(f)/add")
+    old = '  %fusion.3 = f32[8] fusion(%p), metadata={op_name="a/b" source_file="/y/attention.py" source_line=42}'
+    assert profiling.hlo_sources(old)["fusion_3"] == ("attention.py:42", "a/b")
+
+
+def test_by_source_groups_kernels_by_line(tmp_path):
+    rows = profiling.by_source(_write(tmp_path), HLO, steps=1)
+    text = "\n".join(rows)
+    assert "| layers.py:118 rms_norm < model.py:290 decode_step | 0.001 | 1.0 | 13.3 | add |" in text
+    assert "| [grouped_matmul_fp4] | 0.006 | 2.0 | 80.0 |" in text     # no instruction of that name

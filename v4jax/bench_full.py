@@ -95,6 +95,11 @@ def _profile_decode(root, name, exe, params, cache, tok, log):
             wall = time.perf_counter() - t0
         for line in profiling.summarize(d, steps=PROFILE_STEPS, top=25, wall_s=wall):
             log(line)
+        hlo = exe.as_text()
+        with open(d + ".hlo.txt", "w") as f:          # beside the trace: the fusions' bodies, for reading later
+            f.write(hlo)
+        for line in profiling.by_source(d, hlo, steps=PROFILE_STEPS, top=60):
+            log(line)
     except Exception as e:  # noqa: BLE001 - profiling is a diagnostic; the measurement stands without it
         log(f"profile {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 
 
 def _profile_data(trace_dir: str):
@@ -85,4 +86,86 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 30, wall_s: float | Non
             rows.append("  |---|---|---|")
             for name, t in info["ops"].most_common(top):
                 rows.append(f"  | {name[-110:]} | {t / 1e6 / steps:.3f} | {100 * t / max(busy, 1):.1f} |")
+    return rows
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
+_META = re.compile(r'(op_name|source_file|source_line|stack_frame_id)=(?:"([^"]*)"|(\d+))')
+_TABLE = re.compile(r"^(\d+)\s+(?:\"(.*)\"|\{(.*)\})\s*$")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[.\-]", "_", name)
+
+
+def _frames(hlo_text: str) -> dict:
+    """{stack frame id: [(file basename, line, function), ... innermost first]} from the FileNames /
+    FunctionNames / FileLocations / StackFrames tables newer XLA prints at the top of a module's text."""
+    tables, cur = {}, None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            cur = tables.setdefault(line, {})
+            continue
+        m = _TABLE.match(line) if cur is not None else None
+        if m is None:
+            cur = None if not line.strip() or line.startswith(("%", "HloModule", "ENTRY")) else cur
+            continue
+        cur[int(m.group(1))] = m.group(2) if m.group(2) is not None else dict(
+            kv.split("=") for kv in m.group(3).split())
+    files, funcs = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locs = {k: (os.path.basename(files.get(int(v["file_name_id"]), "?")), v.get("line", "?"),
+                funcs.get(int(v.get("function_name_id", 0)), "?"))
+            for k, v in tables.get("FileLocations", {}).items()}
+    frames = tables.get("StackFrames", {})
+    out = {}
+    for fid in frames:
+        chain, f, seen = [], fid, set()
+        while f in frames and f not in seen:
+            seen.add(f)
+            chain.append(locs.get(int(frames[f]["file_location_id"]), ("?", "?", "?")))
+            f = int(frames[f].get("parent_frame_id", 0)) - 1      # printed one above the parent's id; 0: none
+        out[fid] = chain
+    return out
+
+
+def hlo_sources(hlo_text: str) -> dict:
+    """{instruction name with '.'/'-' as '_' (how XLA names a fusion's kernel): (source, op_name)} from the
+    `metadata={...}` of each instruction of an optimised HLO module's text (`Compiled.as_text()`). source is
+    "file:line function < caller file:line function" (the two innermost frames) when the module has stack
+    frame tables, else "file:line"."""
+    frames = _frames(hlo_text)
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        meta = {k: (s if s else n) for k, s, n in _META.findall(m.group(2))}
+        if "stack_frame_id" in meta and int(meta["stack_frame_id"]) in frames:
+            src = " < ".join(f"{f}:{ln} {fn}" for f, ln, fn in frames[int(meta["stack_frame_id"])][:2])
+        else:
+            src = os.path.basename(meta.get("source_file", "?")) + ":" + meta.get("source_line", "?")
+        out[_norm(m.group(1))] = (src, meta.get("op_name", ""))
+    return out
+
+
+def by_source(trace_dir: str, hlo_text: str, steps: int = 1, top: int = 40) -> list[str]:
+    """Lines of text: per device plane, kernel time and count per step grouped by the Python source line
+    (`hlo_sources`) of the HLO instruction that launched them; kernels with no instruction of that name
+    (cuBLAS, Pallas, copies) are grouped by their own name."""
+    src = hlo_sources(hlo_text)
+    rows = []
+    for plane, info in kernel_table(trace_dir).items():
+        t, c, ops = collections.Counter(), collections.Counter(), {}
+        for name, ns in info["kernels"].items():
+            key, op = src.get(_norm(name), (f"[{name[:60]}]", ""))
+            t[key] += ns
+            c[key] += info["counts"][name]
+            ops.setdefault(key, op.split("/")[-1])
+        busy = max(sum(t.values()), 1)
+        rows.append(f"{plane}: by source line ({len(t)} lines)")
+        rows.append("  | source | ms/step | kernels/step | % busy | an op there |")
+        rows.append("  |---|---|---|---|---|")
+        for key, ns in t.most_common(top):
+            rows.append(f"  | {key} | {ns / 1e6 / steps:.3f} | {c[key] / steps:.1f} | {100 * ns / busy:.1f} | "
+                        f"{ops[key][:40]} |")
     return rows
