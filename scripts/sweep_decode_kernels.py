@@ -129,7 +129,16 @@ def grouped_configs(K, quick, auto_split, mma_only=False):
     for bn, nw, lhs, sk in itertools.product((64, 128), (4, 8), (True, False), sorted({1, auto_split})):
         if quick and (nw == 8 and bn == 64):
             continue
+        if mma_only and quick and (nw == 8 or lhs):                  # the PTX / halves grid below covers these
+            continue
         cfgs.append(dict(base, block_n=bn, block_k=128, num_warps=nw, w_lhs=lhs, split_k=sk, mma="fp8"))
+    # the FP4 decode as inline PTX (4 bytes at a time) and the "halves" layout (no interleave, no split), around
+    # the FP8-dot default launch (block_n 64, w as the right operand)
+    for ex, (bk, bn, lhs), sk in itertools.product(
+            (dict(fp4_decode="asm"), dict(fp4_layout="halves"), dict(fp4_layout="halves", fp4_decode="asm")),
+            ((128, 64, False), (128, 64, True), (128, 128, True), (64, 64, False), (64, 128, True)),
+            sorted({1, auto_split})):
+        cfgs.append(dict(base, block_n=bn, block_k=bk, num_warps=4, w_lhs=lhs, split_k=sk, mma="fp8", **ex))
     return cfgs
 
 
@@ -145,6 +154,7 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
     for name, (O, K) in shapes.items():
         w4, s4 = jax.jit(lambda kk: quant.quantize_fp4_weight(
             jax.random.normal(kk, (E, O, K), jnp.bfloat16) * 0.02))(key)
+        w4h = jax.jit(gmg.pack_fp4_halves)(w4)                           # the same nibbles, "halves" layout
         per_expert = O * K // 2 + O * K // 32
         for B in tokens:
             N = B * k
@@ -170,7 +180,7 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
             for c in cfgs:
                 def many(xs, gss, w, s, c=c):
                     acc, first = None, None
-                    for x, g in zip(xs, gss):
+                    for x, g in zip(xs, gss):                              # (w: the layout c asks for)
                         y = gmg.grouped_matmul(x, w, g, s, interpret=CPU, **c)
                         first = y if first is None else first
                         acc = y.astype(jnp.float32).sum() if acc is None else acc + y.astype(jnp.float32).sum()
@@ -178,8 +188,9 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 f = jax.jit(many)
                 tag = c or f"auto (DECODE_DEFAULTS, split_k={auto})"
                 try:
-                    t = bench.time_fn(f, [(xs, gss, w4, s4)], min_samples=5, max_total_s=max_total_s) / REPS
-                    err = _rel(f(xs, gss, w4, s4)[1], ref)
+                    w = w4h if c.get("fp4_layout") == "halves" else w4
+                    t = bench.time_fn(f, [(xs, gss, w, s4)], min_samples=5, max_total_s=max_total_s) / REPS
+                    err = _rel(f(xs, gss, w, s4)[1], ref)
                 except Exception as e:  # noqa: BLE001
                     log(f"| experts {name} | {B} | {tag} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
                     continue
@@ -188,7 +199,7 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 kk = (name, B)
                 if err < 1e-3 and (kk not in best or t < best[kk][0]):
                     best[kk] = (t, tag)
-        del w4, s4
+        del w4, w4h, s4
     return best
 
 

@@ -196,7 +196,63 @@ def _f8_of_nibble(nib):
     return jax.lax.bitcast_convert_type(b.astype(jnp.int8), jnp.float8_e4m3fn)
 
 
-FP4_DECODES = ("e4m3", "bits", "bits_exp")
+# PTX for 4 packed FP4 bytes at once (pack=4: the four int8 of one 32-bit register $1): $0 <- the e4m3 bytes of
+# the low (high) nibbles' value / 64. Per byte b: low ((b << 2) & 0x1C) | ((b << 4) & 0x80), high
+# ((b >> 2) & 0x1C) | (b & 0x80) -- the masks keep every shifted bit inside its own byte. Two single-result asm
+# ops: Pallas' Triton lowering of elementwise_inline_asm returns one result only (JAX 0.10-0.11).
+_LOW_NIBBLES_E4M3_PTX = """{
+.reg .b32 a, b;
+shl.b32 a, $1, 2;
+shl.b32 b, $1, 4;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, b, 0x80808080;
+or.b32 $0, a, b;
+}"""
+_HIGH_NIBBLES_E4M3_PTX = """{
+.reg .b32 a, b;
+shr.b32 a, $1, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $1, 0x80808080;
+or.b32 $0, a, b;
+}"""
+
+
+def _e4m3_of_nibbles(b, asm: bool):
+    """Packed FP4 bytes b (int8 [..]) -> (low, high) nibbles as float8_e4m3fn of value / 64 (exact), each b's
+    shape. asm: four bytes per instruction sequence (the PTX above, GPU only); else per element on int32."""
+    if asm:
+        f8 = lambda ptx: jax.lax.bitcast_convert_type(pltriton.elementwise_inline_asm(
+            ptx, args=[b], constraints="=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(b.shape, jnp.int8)])[0], jnp.float8_e4m3fn)
+        return f8(_LOW_NIBBLES_E4M3_PTX), f8(_HIGH_NIBBLES_E4M3_PTX)
+    b = b.astype(jnp.int32)
+    return _f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)
+
+
+def pack_fp4_halves(w: jax.Array) -> jax.Array:
+    """FP4 weights packed as in the checkpoint (int8 [..., K/2], byte i = (k = 2i, k = 2i + 1)) -> the same nibbles
+    in the "halves" layout: per 64-column group, byte i (0..31) = (k = i, k = 32 + i) in (low, high) nibble. The
+    low nibbles of a group's 32 bytes are then one whole 32-column scale block and the high nibbles the next, so
+    the kernel's FP8 x FP8 dots need no interleave (fp4_layout="halves"). Same bytes, same size. K % 64 == 0."""
+    *lead, kh = w.shape
+    if (2 * kh) % 64:
+        raise ValueError(f"pack_fp4_halves: {2 * kh} inputs, not a multiple of 64")
+    b = jax.lax.bitcast_convert_type(w, jnp.uint8)
+    nib = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*lead, kh // 32, 2, 32)      # [.., group, half, i]
+    return jax.lax.bitcast_convert_type(nib[..., 0, :] | (nib[..., 1, :] << 4), jnp.int8).reshape(*lead, kh)
+
+
+def unpack_fp4_halves(w: jax.Array) -> jax.Array:
+    """Inverse of `pack_fp4_halves`: the "halves" layout -> the checkpoint's packing."""
+    *lead, kh = w.shape
+    b = jax.lax.bitcast_convert_type(w, jnp.uint8).reshape(*lead, kh // 32, 32)
+    nib = jnp.stack([b & 15, b >> 4], axis=-2).reshape(*lead, kh // 32, 64)          # natural k order per group
+    nib = nib.reshape(*lead, kh, 2)
+    return jax.lax.bitcast_convert_type(nib[..., 0] | (nib[..., 1] << 4), jnp.int8)
+
+
+FP4_DECODES = ("e4m3", "bits", "bits_exp", "asm")
+FP4_LAYOUTS = ("pairs", "halves")
 FP4_PARITIES = (False, True, "split", "strided", "permuted")
 _F32_BITS_2M7 = 0x3C000000       # fp32 bits of 2^-7 = e2m1 0.5 / 64
 _F32_SIGN = -(1 << 31)           # int32 0x80000000
@@ -247,7 +303,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1, mma="bf16"):
+            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs"):
     xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
@@ -313,23 +369,35 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         FP4: the nibbles become e4m3 bytes of value / 64 (exact), interleaved into [bn, bk] and split into bk/32
         blocks of 32 columns, one E8M0 code per row each (scale 64 * 2^(code - 127)). FP8: the e4m3 tile as is,
         one 128 x 128 block scale. x: e4m3 [bm, bk] with one power-of-two scale per row (bk divides 128)."""
-        xt = x_ref[xr, kcols(k0, bk)]                                  # [bm, bk] e4m3
         xsc = xs_ref[xrow[None, :] if w_lhs else xr, k0 // 128]        # [1, bm] (w_lhs) or [bm, 1]
         if fmt == "fp8":
             wts = [w_ref[g, wc, kcols(k0, bk)]]                        # [bn, bk] e4m3
             wsc = [s_ref[g, wc // 128 if w_lhs else wcol[None, :] // 128, k0 // 128]]   # [bn, 1] / [1, bn]
-            xts = [xt]
+            xts = [x_ref[xr, kcols(k0, bk)]]                           # [bm, bk] e4m3
+        elif fp4_layout == "halves":                                    # per 64 columns: two whole scale blocks
+            wts, xts, wsc = [], [], []
+            for h in range(bk // 64):
+                lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)   # [bn, 32] each
+                cb = k0 // 32 + 2 * h + iota(2)
+                if w_lhs:
+                    codes = s_ref[g, wc, cb[None, :]].astype(jnp.int32)                      # [bn, 2]
+                else:
+                    codes = s_ref[g, wcol[None, :], cb[:, None]].astype(jnp.int32)           # [2, bn]
+                sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+                wts += [lo, hi]
+                xts += [x_ref[xr, kcols(k0 + 64 * h, 32)], x_ref[xr, kcols(k0 + 64 * h + 32, 32)]]
+                wsc += list(jnp.split(sc, 2, axis=1 if w_lhs else 0))
         else:
             nb = bk // 32
-            b = w_ref[g, wc, kcols(k0 // 2, bk // 2)].astype(jnp.int32)             # [bn, bk/2] packed pairs
-            w8 = jnp.stack([_f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)], axis=-1).reshape(bn, bk)
+            lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2, bk // 2)], fp4_asm)    # [bn, bk/2] each
+            w8 = jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
             if w_lhs:
                 codes = s_ref[g, wc, kcols(k0 // 32, nb)].astype(jnp.int32)          # [bn, nb]
             else:
                 codes = s_ref[g, wcol[None, :], (k0 // 32 + iota(nb))[:, None]].astype(jnp.int32)   # [nb, bn]
             sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
             split = lambda a, axis: jnp.split(a, nb, axis=axis) if nb > 1 else [a]
-            wts, xts = split(w8, 1), split(xt, 1)
+            wts, xts = split(w8, 1), split(x_ref[xr, kcols(k0, bk)], 1)
             wsc = split(sc, 1 if w_lhs else 0)
         for wt, xb, ws in zip(wts, xts, wsc):
             if w_lhs:                                                   # [bn, bm]
@@ -398,12 +466,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "mma", "x_fp8", "interpret"))
+                                             "split_k", "mma", "x_fp8", "fp4_layout", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
                    fp4_decode: str = "e4m3", fp4_parity: bool | str = False, split_k: int | None = None,
-                   mma: str | None = None, x_fp8: bool = False, interpret: bool = False):
+                   mma: str | None = None, x_fp8: bool = False, fp4_layout: str = "pairs", interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -425,6 +493,9 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding. None: "fp8" at decode for FP4 weights
     (MMA_AUTO_FORMATS) when x_fp8 says x is FP8-representable per 128 columns and in % 128 == 0, else "bf16".
     The decode launch with mma="fp8" takes DECODE_MMA_DEFAULTS.
+    FP4 with mma="fp8" only: fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`;
+    interpret mode runs the same rewrite per element); fp4_layout="halves": w is in `pack_fp4_halves`' layout
+    (the scales unchanged), each 64 columns two dots of one scale block each, no interleave; block_k % 64 == 0.
     """
     if fp4_decode not in FP4_DECODES:
         raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r}, not one of {FP4_DECODES}")
@@ -437,6 +508,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         mma = "fp8" if (x_fp8 and decode and fmt in MMA_AUTO_FORMATS and x.shape[1] % 128 == 0) else "bf16"
     if mma not in MMAS:
         raise ValueError(f"grouped_matmul(gpu): mma={mma!r}, not one of {MMAS}")
+    if fp4_layout not in FP4_LAYOUTS:
+        raise ValueError(f"grouped_matmul(gpu): fp4_layout={fp4_layout!r}, not one of {FP4_LAYOUTS}")
+    if fmt == "fp4" and (fp4_decode == "asm" or fp4_layout != "pairs") and mma != "fp8":
+        raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r} / fp4_layout={fp4_layout!r} need "
+                         f"mma='fp8' (got {mma!r})")
     if mma == "fp8" and (fmt == "bf16" or transpose_w):
         raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs FP8 or FP4 weights (got {fmt}"
                          f"{', transpose_w' if transpose_w else ''})")
@@ -467,7 +543,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         bk = min(bk, 128)
     while bk > 16 and K % bk:
         bk //= 2
-    if K % bk or ((fmt == "fp8" or mma == "fp8") and 128 % bk) or (fmt == "fp4" and bk % 32):
+    if K % bk or ((fmt == "fp8" or mma == "fp8") and 128 % bk) or (fmt == "fp4" and bk % 32) or (
+            fmt == "fp4" and fp4_layout == "halves" and bk % 64):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
     if split_k is None:
@@ -491,7 +568,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         args.append(xs)
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
                                w_lhs=bool(w_lhs) and not transpose_w, fp4_decode=fp4_decode,
-                               fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k, mma=mma)
+                               fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k, mma=mma,
+                               fp4_asm=fp4_decode == "asm" and not interpret, fp4_layout=fp4_layout)
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
