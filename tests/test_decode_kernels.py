@@ -57,3 +57,25 @@ def test_decode_with_gpu_kernels_equals_reference(monkeypatch, fp32):
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert err < 2e-2, err
     jax.clear_caches()
+
+
+def test_wo_a_groups_run_the_kernel_per_group(monkeypatch):
+    """attention._output at 40 rows x g groups (more than skinny.MAX_ROWS in all, 40 per group): one skinny call per
+    group (not a dequantised grouped einsum), the same values as the XLA path."""
+    from v4jax import attention
+    from v4jax.layers import rope_table
+    cfg = ModelConfig.preset("tiny", o_lora_rank=128)
+    p = v4jax.init_params(cfg, jax.random.key(0), dtype="native")["layers"]["0"]["attn"]
+    B, H, hd = 40, cfg.num_attention_heads, cfg.head_dim
+    assert B * cfg.o_groups > skinny.MAX_ROWS >= B
+    o = jax.random.normal(jax.random.key(2), (B, 1, H, hd), jnp.bfloat16)
+    cos, sin = rope_table(jnp.arange(B)[:, None], layers.rope_inv_freq(cfg, 0))
+    ref = np.asarray(attention._output(cfg, p, o, cos, sin), np.float32)
+    calls, real = [], skinny.linear
+    monkeypatch.setattr(skinny, "default_backend", lambda platform=None: "gpu")
+    monkeypatch.setattr(skinny, "linear", lambda *a, **k: calls.append(a[1]["weight"].shape) or real(*a, **k))
+    got = np.asarray(attention._output(cfg, p, o, cos, sin), np.float32)
+    # the g per-group wo_a calls, then wo_b [dim, g * o_lora_rank]
+    assert calls == [(cfg.o_lora_rank, H * hd // cfg.o_groups)] * cfg.o_groups + [(cfg.dim, cfg.o_groups * 128)]
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 1e-2, err

@@ -105,10 +105,13 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     g = cfg.o_groups
     o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
     dt = act_dtype(cfg)
-    if uses_skinny(o, p["wo_a"]) and cfg.o_lora_rank % 128 == 0:   # decode on GPU: one skinny call per group
-        r, w, s = cfg.o_lora_rank, p["wo_a"]["weight"], p["wo_a"].get("scale")
-        node = lambda i: ({"weight": w[i * r:(i + 1) * r]}
-                          | ({"scale": s[i * r // 128:(i + 1) * r // 128]} if s is not None else {}))
+    r, w, s = cfg.o_lora_rank, p["wo_a"]["weight"], p["wo_a"].get("scale")
+    node = lambda i: ({"weight": w[i * r:(i + 1) * r]}
+                      | ({"scale": s[i * r // 128:(i + 1) * r // 128]} if s is not None else {}))
+    # decode on GPU: one skinny call per group when a group's B*S rows suit the kernel (2..64), or when all B*S*g
+    # rows together do (batch 1: then each group's one row is XLA's fused GEMV that reads the FP8 weight once);
+    # else the grouped einsum (at 32 rows it would dequantise the whole [8192, 4096] weight to bf16 first)
+    if cfg.o_lora_rank % 128 == 0 and (uses_skinny(o[:, :, 0], node(0)) or uses_skinny(o, p["wo_a"])):
         o = jnp.stack([linear_bf16(cfg, node(i), o[:, :, i]) for i in range(g)], axis=2)
     else:
         wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
