@@ -124,7 +124,7 @@ def test_fp4_decode_tile_bits_equal_e4m3():
     b = jnp.tile(jnp.arange(-128, 128, dtype=jnp.int32)[None], (256, 1))          # row c: all 256 bytes
     codes = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32)[:, None], (256, 16))  # row c: scale code c
     tile = jax.jit(gpu.fp4_decode_tile, static_argnums=2)
-    dec = {d: [np.asarray(t).view(np.uint16) for t in tile(b, codes, d)] for d in gpu.FP4_DECODES}
+    dec = {d: [np.asarray(t).view(np.uint16) for t in tile(b, codes, d)] for d in gpu.TILE_DECODES}
     nib = np.arange(-128, 128) & 255
     exact = [np.asarray(quant.fp4_unpack(jnp.asarray(nib.astype(np.int8))))[h::2] for h in (0, 1)]  # lo, hi values
     for h in (0, 1):
@@ -330,8 +330,7 @@ def test_gpu_kernel_lowers_for_cuda():
     # and the parity variants with small tiles (block_k 32: the parity dots have K = 16)
     w, s, _ = nodes[3]
     small = dict(block_m=16, block_n=32, block_k=32)
-    bf16_decodes = [d for d in gpu.FP4_DECODES if d != "asm"]                # "asm": FP8 x FP8 dots only
-    combos = list(itertools.product([(N, {}), (6, {})], bf16_decodes, (False, True, "strided", "permuted"),
+    combos = list(itertools.product([(N, {}), (6, {})], gpu.TILE_DECODES, (False, True, "strided", "permuted"),
                                     (True, False)))
     combos += [((N, small), "bits", parity, w_lhs) for parity in (True, "strided", "permuted")
                for w_lhs in (True, False)]
@@ -584,25 +583,31 @@ def test_gpu_kernel_fp8_mma_lowers_for_cuda():
 
 
 def test_fp4_halves_layout_roundtrip():
-    """pack_fp4_halves: per 64 columns byte i holds (k = i, k = 32 + i); unpack_fp4_halves inverts it."""
+    """quant.fp4_to_halves: per 64 elements byte i holds (i, 32 + i) (uint8); fp4_from_halves inverts it; the
+    dequantised weight is the same in both layouts."""
     rng = np.random.default_rng(40)
     w = jnp.asarray(rng.integers(-128, 128, (3, 5, 64)), jnp.int8)                # [.., O, K/2], K = 128
-    h = gpu.pack_fp4_halves(w)
-    assert h.shape == w.shape and h.dtype == jnp.int8
-    np.testing.assert_array_equal(np.asarray(gpu.unpack_fp4_halves(h)), np.asarray(w))
+    h = quant.fp4_to_halves(w)
+    assert h.shape == w.shape and h.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(quant.fp4_from_halves(h)), np.asarray(w))
     nib = lambda a: np.stack([np.asarray(a).view(np.uint8) & 15, np.asarray(a).view(np.uint8) >> 4], -1)
-    k = nib(w).reshape(3, 5, 128)                                                   # natural column order
+    k = nib(w).reshape(3, 5, 128)                                                   # natural element order
     hb = nib(h).reshape(3, 5, 2, 32, 2)                                             # [group, byte, nibble]
     np.testing.assert_array_equal(hb[..., 0], k.reshape(3, 5, 2, 2, 32)[..., 0, :])   # low: the group's 0..31
     np.testing.assert_array_equal(hb[..., 1], k.reshape(3, 5, 2, 2, 32)[..., 1, :])   # high: 32..63
-    with pytest.raises(ValueError, match="multiple of 64"):
-        gpu.pack_fp4_halves(w[..., :16])
+    s = jnp.asarray(rng.integers(110, 130, (3, 5, 4)), jnp.uint8).view(jnp.float8_e8m0fnu)
+    np.testing.assert_array_equal(np.asarray(quant.dequant_fp4_weight(h, s, jnp.float32)),
+                                  np.asarray(quant.dequant_fp4_weight(w, s, jnp.float32)))
+    with pytest.raises(ValueError, match="n % 32"):
+        quant.fp4_to_halves(w[..., :16])
+    with pytest.raises(ValueError, match="uint8"):
+        quant.fp4_from_halves(w)
 
 
-def test_gpu_kernel_fp8_mma_fp4_halves_and_asm():
-    """fp4_layout="halves" (weights repacked by pack_fp4_halves, two scale-block dots per 64 columns) and
-    fp4_decode="asm" (interpret mode runs the per-element rewrite; the PTX is checked on the GPU by
-    scripts/sweep_decode_kernels.py) equal the reference, at decode and with many rows, w_lhs both ways."""
+def test_gpu_kernel_fp4_halves_and_asm():
+    """FP4 weights in the halves layout (uint8: two scale-block dots per 64 columns, no interleave), with FP8 x FP8
+    dots and with bf16 dots, and fp4_decode="asm" (interpret mode runs the per-element rewrite; the PTX is checked
+    on the GPU by scripts/sweep_decode_kernels.py) equal the reference, at decode and with many rows."""
     few = [0] * 20
     for e in (1, 5, 5, 9, 19, 19, 19):
         few[e] += 1
@@ -610,34 +615,39 @@ def test_gpu_kernel_fp8_mma_fp4_halves_and_asm():
         _, node, gs = _inputs(N, K, O, sizes, seed=N + 3, fmt="fp4")
         x = _fp8_x(N, K, seed=N + 1)
         ref = _ref(x, node, gs)
-        wh = gpu.pack_fp4_halves(node["weight"])
+        wh = quant.fp4_to_halves(node["weight"])
         for kw in (dict(), dict(w_lhs=False), dict(block_k=64, split_k=2 if N < 100 else 1)):
-            for w, extra in ((wh, dict(fp4_layout="halves")), (wh, dict(fp4_layout="halves", fp4_decode="asm")),
-                             (node["weight"], dict(fp4_decode="asm"))):
-                out = gpu.grouped_matmul(x, w, gs, node["scale"], mma="fp8", interpret=True, **kw, **extra)
+            for w, extra in ((wh, dict(mma="fp8")), (wh, dict(mma="fp8", fp4_decode="e4m3")), (wh, dict(mma="bf16")),
+                             (node["weight"], dict(mma="fp8", fp4_decode="asm"))):
+                out = gpu.grouped_matmul(x, w, gs, node["scale"], interpret=True, **kw, **extra)
                 _check(out, ref, sizes, N)
     x, node, gs = _inputs(8, 256, 32, [3, 5], fmt="fp4")
-    with pytest.raises(ValueError, match="need mma='fp8'"):
+    wh = quant.fp4_to_halves(node["weight"])
+    with pytest.raises(ValueError, match="needs mma='fp8' or the halves"):
         gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="bf16", fp4_decode="asm", interpret=True)
-    with pytest.raises(ValueError, match="fp4_layout"):
-        gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", fp4_layout="odd", interpret=True)
+    with pytest.raises(ValueError, match="halves FP4 layout"):
+        gpu.grouped_matmul(x, wh, gs, node["scale"], fp4_parity=True, interpret=True)
     with pytest.raises(ValueError, match="no usable block_k"):
-        gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", fp4_layout="halves", block_k=32,
-                           interpret=True)
+        gpu.grouped_matmul(x, wh, gs, node["scale"], mma="fp8", block_k=32, interpret=True)
+    # the dispatch (reference backend too) takes the uint8 layout as the same weight
+    _check(gm.grouped_matmul(x, {"weight": wh, "scale": node["scale"]}, gs, backend="reference"),
+           _ref(x, node, gs), [3, 5], 8)
 
 
 def test_gpu_kernel_fp4_asm_lowers_for_cuda():
-    """The inline-PTX decode and the halves layout lower to Triton at the Flash decode shapes."""
+    """The inline-PTX decode (the default with FP8 dots and for the halves layout) and the halves layout lower to
+    Triton at the Flash shapes (decode and 8K rows)."""
     E = 256
     gs = jax.ShapeDtypeStruct((E,), jnp.int32)
     w, s = jax.ShapeDtypeStruct((E, 2048, 2048), jnp.int8), jax.ShapeDtypeStruct((E, 2048, 128), jnp.float8_e8m0fnu)
-    for n, kw in [(192, dict(fp4_decode="asm")), (192, dict(fp4_decode="asm", fp4_layout="halves")),
-                  (6, dict(fp4_layout="halves", w_lhs=True))]:
+    wh = jax.ShapeDtypeStruct(w.shape, jnp.uint8)
+    for n, ww, kw in [(192, w, dict(mma="fp8")), (192, w, dict(mma="fp8", fp4_decode="e4m3")),
+                      (192, wh, dict(mma="fp8")), (6, wh, dict(mma="fp8", w_lhs=False)), (8192, wh, {})]:
         x = jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16)
-        mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, mma="fp8",
-                                                                 **kw), x, w, gs, s)
+        mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, **kw),
+                           x, ww, gs, s)
         assert "triton" in mlir
-        assert ("0x1C1C1C1C" in mlir) == (kw.get("fp4_decode") == "asm")          # the PTX is in the kernel
+        assert ("0x1C1C1C1C" in mlir) == (kw.get("fp4_decode") != "e4m3")         # the PTX is in the kernel
 
 
 def test_dispatch_fp8_act_takes_fp8_mma():

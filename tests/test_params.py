@@ -108,3 +108,24 @@ def test_logical_axes_cover_every_leaf():
     shapes = P.abstract_flat(cfg, "native")
     assert axes.keys() == shapes.keys()
     assert all(len(axes[k]) == len(shapes[k].shape) for k in shapes)
+
+
+def test_kernel_layout_params(tmp_path):
+    """to_kernel_layout: the FP4 expert weights become uint8 in the halves layout (nothing else changes), the
+    model's logits are bit-identical, to_checkpoint_layout restores the bytes, and save refuses the kernel layout
+    with the fix in its message."""
+    cfg = v4jax.ModelConfig.preset("tiny")
+    params = v4jax.init_params(cfg, jax.random.key(0), dtype="native")
+    kp = P.to_kernel_layout(params)
+    flat, kflat = P.flatten(params), P.flatten(kp)
+    changed = sorted(k for k in flat if kflat[k].dtype != flat[k].dtype)
+    assert changed and all(".ffn.experts." in k and k.endswith(".weight") for k in changed)
+    assert all(kflat[k].dtype == jnp.uint8 for k in changed)
+    assert all(kflat[k] is flat[k] for k in flat if k not in changed)
+    back = P.flatten(P.to_checkpoint_layout(kp))
+    assert all(np.array_equal(np.asarray(back[k]), np.asarray(flat[k])) for k in changed)
+    toks = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(v4jax.forward(cfg, kp, toks)), np.asarray(v4jax.forward(cfg, params, toks)))
+    with pytest.raises(C.CheckpointError, match="to_checkpoint_layout"):
+        v4jax.save(cfg, kp, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()

@@ -73,6 +73,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=None, help="CPU dry run with this many host devices")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp4-layout", choices=("kernel", "checkpoint"), default="kernel",
+                   help="FP4 experts in the GPU kernel's halves layout (params.to_kernel_layout, the default) or "
+                        "as packed in the checkpoint")
     p.add_argument("--profile", default=None,
                    help="directory: trace 4 more decode steps of every decode case with the JAX profiler and print "
                         "the kernels that take the time (v4jax.profiling)")
@@ -237,13 +240,16 @@ def run(args) -> int:
         params = P.init_params_sharded(cfg, jax.random.key(args.seed), SH.param_shardings(cfg, mesh, "native",
                                                                                           rules))
         jax.block_until_ready(params)
+        if args.fp4_layout == "kernel":         # what a GPU server runs (params.to_kernel_layout): same bytes
+            params = P.to_kernel_layout(params, donate=True)
         held = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
         mem = device_memory()
         res.update(weights_checkpoint_GB=wb["total"] / 1e9, weights_held_GB=held / 1e9,
                    weights_init_s=time.perf_counter() - t0, memory_after_init_GiB=mem)
         log(f"weights: generated on device in {time.perf_counter() - t0:.1f} s; checkpoint size {wb['total'] / 1e9:.1f}"
             f" GB (experts {wb['experts'] / 1e9:.1f} GB, rest {wb['dense'] / 1e9:.1f} GB); held on devices "
-            f"{held / 1e9:.1f} GB (non-expert weights replicated on each device); in use per device (GiB): "
+            f"{held / 1e9:.1f} GB (non-expert weights replicated on each device; FP4 experts in the "
+            f"{args.fp4_layout} layout); in use per device (GiB): "
             + ", ".join(f"{m:.1f}" for m in mem))
         kv_tok = attention.cache_bytes_per_token(cfg)
         kv_tok_bf16 = attention.cache_bytes_per_token(cfg, "bf16")

@@ -25,7 +25,7 @@ from v4jax import quant
 from v4jax.bench import _fmt, _is_oom, _try_time, line_logger, measure_copy_bw, measure_matmul_peak
 
 E, D, F, TOPK = 256, 4096, 2048, 6           # Flash: routed experts, hidden, expert intermediate, experts per token
-FORMATS = ("bf16", "fp8", "fp4", "fp8-mma", "fp4-mma")
+FORMATS = ("bf16", "fp8", "fp4", "fp4h", "fp8-mma", "fp4-mma", "fp4h-mma")   # fp4h: quant.fp4_to_halves layout
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -46,7 +46,8 @@ def weights(key, E, out, inp, fmt):
         return {"weight": w, "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
     w = jax.random.randint(k1, (E, out, inp // 2), -128, 128, jnp.int32).astype(jnp.int8)
     codes = jax.random.randint(k2, (E, out, inp // 32), 118, 124, jnp.int32).astype(jnp.uint8)
-    return {"weight": w, "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
+    return {"weight": quant.fp4_to_halves(w) if fmt == "fp4h" else w,
+            "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
 
 
 # ---- on-device correctness ----------------------------------------------------------------------------
@@ -177,6 +178,10 @@ def bench_moe(args) -> int:
                          (128, 128, 128, 8, 3, True)],
                  "fp8-mma": [(128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False), (256, 128, 128, 8, 3, True),
                              (128, 128, 128, 4, 4, False)],
+                 "fp4h": [(128, 128, 64, 4, 4, False), (128, 128, 64, 4, 4, True), (256, 128, 64, 8, 3, True),
+                          (128, 128, 128, 8, 3, True)],
+                 "fp4h-mma": [(128, 128, 64, 4, 4, False), (128, 128, 128, 8, 3, False),
+                              (256, 128, 128, 8, 3, True)],
                  "fp4-mma": [(128, 128, 64, 4, 4, False), (128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False),
                              (256, 128, 128, 8, 3, True)]}
         for fm in fmts:
@@ -298,7 +303,8 @@ def add_parser(sub):
     k = sub.add_parser("moe", help="MoE grouped matmuls (ragged_dot vs Pallas kernel bf16/FP8/FP4 vs einsum)")
     k.add_argument("--tokens", default="1,2,4,8,16,32,64", help="comma list of token counts in K (x1024)")
     k.add_argument("--formats", default="bf16,fp8,fp4",
-                   help="kernel weight formats: bf16,fp8,fp4 and fp8-mma,fp4-mma (FP8 x FP8 dots, mma='fp8')")
+                   help="kernel weight formats: bf16,fp8,fp4,fp4h (FP4 in the kernel layout) and fp8-mma,fp4-mma,"
+                        "fp4h-mma (FP8 x FP8 dots, mma='fp8')")
     k.add_argument("--tune-tokens", type=int, default=16384, help="token count of the launch sweep")
     k.add_argument("--no-tune", action="store_true", help="skip the launch-parameter sweep (kernel defaults)")
     k.add_argument("--no-ref", action="store_true", help="skip the ragged_dot reference")

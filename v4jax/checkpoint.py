@@ -216,6 +216,10 @@ def convert_param(name: str, p: P.Param, src: str, dst: str, arrays: dict[str, A
 
 def detect_dtype(cfg: ModelConfig, flat: dict[str, Any]) -> str:
     """Which of "native", "bf16", "fp8" a flat params dict is held in (CheckpointError if none fits)."""
+    halves = [k for k, v in flat.items() if np.dtype(v.dtype) == np.uint8 and k.endswith(".weight")]
+    if halves:
+        raise CheckpointError(f"{halves[0]} (and {len(halves) - 1} more): FP4 weights in the GPU kernel layout "
+                              "(uint8); convert with v4jax.params.to_checkpoint_layout(params) first")
     for dtype in DTYPES:
         exp = abstract_flat(cfg, dtype)
         if exp.keys() == flat.keys() and all(np.dtype(flat[k].dtype) == np.dtype(v.dtype) and

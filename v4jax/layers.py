@@ -52,7 +52,7 @@ def weight(node: dict, dtype=jnp.bfloat16) -> jax.Array:
     """The logical weight of a linear: dequantised (exactly) if stored as FP8/FP4 + E8M0 scale."""
     w = node["weight"]
     if "scale" in node:
-        if w.dtype == jnp.int8:
+        if quant.is_fp4(w):
             return quant.dequant_fp4_weight(w, node["scale"], dtype)
         return quant.dequant_fp8_weight(w, node["scale"], dtype)
     return w.astype(dtype)

@@ -196,8 +196,40 @@ def _f32_to_nibble(x):
     return idx | (sign << 3)
 
 
+def fp4_to_halves(packed):
+    """Packed FP4 in the checkpoint's layout (int8 [..., n], byte k = elements (2k, 2k + 1)) -> the GPU decode
+    kernel's "halves" layout, marked by its dtype uint8: per 64 elements, byte i (0..31) = elements (i, 32 + i)
+    in its (low, high) nibble. The low nibbles of a 64-group's 32 bytes are then one whole 32-element scale block
+    and the high nibbles the next, which the kernel multiplies without interleaving nibbles
+    (pallas_kernels.grouped_matmul.gpu, FP8 x FP8 dots). Same bytes and size; n % 32 == 0."""
+    *lead, n = packed.shape
+    if packed.dtype != jnp.int8 or n % 32:
+        raise ValueError(f"fp4_to_halves: int8 [..., n] with n % 32 == 0 expected, got {packed.dtype} {packed.shape}")
+    b = lax.bitcast_convert_type(packed, jnp.uint8)
+    nib = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*lead, n // 32, 2, 32)        # [.., group, half, i]
+    return (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(*lead, n)
+
+
+def fp4_from_halves(h):
+    """Inverse of `fp4_to_halves`: uint8 "halves" -> int8 in the checkpoint's layout."""
+    *lead, n = h.shape
+    if h.dtype != jnp.uint8 or n % 32:
+        raise ValueError(f"fp4_from_halves: uint8 [..., n] with n % 32 == 0 expected, got {h.dtype} {h.shape}")
+    b = h.reshape(*lead, n // 32, 32)
+    nib = jnp.stack([b & 15, b >> 4], axis=-2).reshape(*lead, n, 2)                   # natural element order
+    return lax.bitcast_convert_type(nib[..., 0] | (nib[..., 1] << 4), jnp.int8)
+
+
+def is_fp4(w) -> bool:
+    """Whether a stored weight (with a scale) is packed FP4: int8 (checkpoint layout) or uint8 ("halves")."""
+    return w.dtype in (jnp.int8, jnp.uint8)
+
+
 def fp4_unpack(packed):
-    """Packed int8 [..., n] -> float32 [..., 2n]; element 2k is the low nibble of byte k."""
+    """Packed FP4 [..., n] -> float32 [..., 2n]: int8 (element 2k is the low nibble of byte k) or uint8 in the
+    `fp4_to_halves` layout."""
+    if packed.dtype == jnp.uint8:
+        packed = fp4_from_halves(packed)
     b = lax.bitcast_convert_type(packed, jnp.uint8).astype(jnp.int32)
     lo = _nibble_to_f32(b & 0xF)
     hi = _nibble_to_f32(b >> 4)

@@ -122,7 +122,12 @@ DECODE_DEFAULTS = {"bf16": (16, 128, 64, 4, 4, True), "fp8": (16, 128, 128, 4, 3
 # 64-column tiles, the weight as the dot's RIGHT operand. At 8 and 32 tokens 22-25% faster than DECODE_DEFAULTS'
 # bf16 dots (w1 346 -> 261 us, 873 -> 665 us), 6-11% at 1 token. With many rows per group (prefill) the per-32-column
 # scaling of the partial sums is 1.4-4x SLOWER than bf16 dots (bench moe), so mma="fp8" is never automatic there.
-DECODE_MMA_DEFAULTS = {"fp4": (16, 64, 128, 4, 3, False), "fp8": (16, 64, 128, 4, 3, False)}
+DECODE_MMA_DEFAULTS = {"fp4": (16, 64, 128, 4, 3, False), "fp8": (16, 64, 128, 4, 3, False),
+                       "fp4h": (16, 128, 64, 4, 3, True)}
+# FP4 in the halves layout (uint8, "fp4h"): the FP8-dot decode launch is the sweep's best at 32 tokens (w1 607 us,
+# w2 525 us against 708 / 685 for the int8 layout's default; 55.6 / 65.0 us at 1 token); prefill as "fp4"
+DEFAULTS["fp4h"] = DEFAULTS["fp4"]
+DECODE_DEFAULTS["fp4h"] = DECODE_DEFAULTS["fp4"]
 MMA_AUTO_FORMATS = ("fp4",)      # formats for which x_fp8=True picks mma="fp8" at decode
 DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
 SMS = 132                        # streaming multiprocessors (H100 SXM and H200)
@@ -229,30 +234,8 @@ def _e4m3_of_nibbles(b, asm: bool):
     return _f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)
 
 
-def pack_fp4_halves(w: jax.Array) -> jax.Array:
-    """FP4 weights packed as in the checkpoint (int8 [..., K/2], byte i = (k = 2i, k = 2i + 1)) -> the same nibbles
-    in the "halves" layout: per 64-column group, byte i (0..31) = (k = i, k = 32 + i) in (low, high) nibble. The
-    low nibbles of a group's 32 bytes are then one whole 32-column scale block and the high nibbles the next, so
-    the kernel's FP8 x FP8 dots need no interleave (fp4_layout="halves"). Same bytes, same size. K % 64 == 0."""
-    *lead, kh = w.shape
-    if (2 * kh) % 64:
-        raise ValueError(f"pack_fp4_halves: {2 * kh} inputs, not a multiple of 64")
-    b = jax.lax.bitcast_convert_type(w, jnp.uint8)
-    nib = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*lead, kh // 32, 2, 32)      # [.., group, half, i]
-    return jax.lax.bitcast_convert_type(nib[..., 0, :] | (nib[..., 1, :] << 4), jnp.int8).reshape(*lead, kh)
-
-
-def unpack_fp4_halves(w: jax.Array) -> jax.Array:
-    """Inverse of `pack_fp4_halves`: the "halves" layout -> the checkpoint's packing."""
-    *lead, kh = w.shape
-    b = jax.lax.bitcast_convert_type(w, jnp.uint8).reshape(*lead, kh // 32, 32)
-    nib = jnp.stack([b & 15, b >> 4], axis=-2).reshape(*lead, kh // 32, 64)          # natural k order per group
-    nib = nib.reshape(*lead, kh, 2)
-    return jax.lax.bitcast_convert_type(nib[..., 0] | (nib[..., 1] << 4), jnp.int8)
-
-
-FP4_DECODES = ("e4m3", "bits", "bits_exp", "asm")
-FP4_LAYOUTS = ("pairs", "halves")
+TILE_DECODES = ("e4m3", "bits", "bits_exp")   # fp4_decode_tile's (the int8 layout's bf16 dots)
+FP4_DECODES = TILE_DECODES + ("asm",)         # "asm": the FP8-dot path and the halves layout
 FP4_PARITIES = (False, True, "split", "strided", "permuted")
 _F32_BITS_2M7 = 0x3C000000       # fp32 bits of 2^-7 = e2m1 0.5 / 64
 _F32_SIGN = -(1 << 31)           # int32 0x80000000
@@ -298,7 +281,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
     elif decode == "bits":
         half = lambda high: _f32_of_nibble_bits(b, high)
     else:
-        raise ValueError(f"grouped_matmul(gpu): fp4_decode={decode!r}, not one of {FP4_DECODES}")
+        raise ValueError(f"grouped_matmul(gpu): fp4_decode={decode!r}, not one of {TILE_DECODES}")
     return tuple((half(high) * sc).astype(jnp.bfloat16) for high in (False, True))
 
 
@@ -418,6 +401,15 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
             k0 = pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
             if mma == "fp8":
                 return fp8_step(acc, k0)
+            if fmt == "fp4" and fp4_layout == "halves":                # per 64 columns: 2 dots of 32 columns
+                for h in range(bk // 64):
+                    lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)  # [bn, 32]
+                    codes = s_ref[g, wc, kcols(k0 // 32 + 2 * h, 2)].astype(jnp.int32)              # [bn, 2]
+                    sa, sb = jnp.split(jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0, 2, axis=1)
+                    acc = mm(acc, (lo.astype(f32) * sa).astype(jnp.bfloat16), x_ref[xr, kcols(k0 + 64 * h, 32)])
+                    acc = mm(acc, (hi.astype(f32) * sb).astype(jnp.bfloat16),
+                             x_ref[xr, kcols(k0 + 64 * h + 32, 32)])
+                return acc
             if fmt == "fp4" and fp4_parity:                            # two dots: even k, odd k
                 (w_ev, w_od), (x_ev, x_od) = fp4_halves(k0), x_halves(k0)
                 return mm(mm(acc, w_ev, x_ev), w_od, x_od)
@@ -457,7 +449,7 @@ def fp8_blocks(x: jax.Array, block: int = 128):
 def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
     if scale is None:
         return "bf16"
-    if w.dtype == jnp.int8:
+    if w.dtype in (jnp.int8, jnp.uint8):                    # uint8: FP4 in quant.fp4_to_halves' layout
         return "fp4"
     if w.dtype == jnp.float8_e4m3fn:
         return "fp8"
@@ -466,12 +458,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "mma", "x_fp8", "fp4_layout", "interpret"))
+                                             "split_k", "mma", "x_fp8", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
-                   fp4_decode: str = "e4m3", fp4_parity: bool | str = False, split_k: int | None = None,
-                   mma: str | None = None, x_fp8: bool = False, fp4_layout: str = "pairs", interpret: bool = False):
+                   fp4_decode: str | None = None, fp4_parity: bool | str = False, split_k: int | None = None,
+                   mma: str | None = None, x_fp8: bool = False, interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -493,11 +485,14 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding. None: "fp8" at decode for FP4 weights
     (MMA_AUTO_FORMATS) when x_fp8 says x is FP8-representable per 128 columns and in % 128 == 0, else "bf16".
     The decode launch with mma="fp8" takes DECODE_MMA_DEFAULTS.
-    FP4 with mma="fp8" only: fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`;
-    interpret mode runs the same rewrite per element); fp4_layout="halves": w is in `pack_fp4_halves`' layout
-    (the scales unchanged), each 64 columns two dots of one scale block each, no interleave; block_k % 64 == 0.
+    FP4 in the "halves" layout (w uint8, `v4jax.quant.fp4_to_halves`; the scales as for int8): per 64 columns the
+    low nibbles are one whole 32-column scale block and the high nibbles the next, so each is its own dot (no
+    nibble interleave, no split of the tile); block_k % 64 == 0; fp4_parity and the "bits" decodes do not apply.
+    fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`; interpret mode runs
+    the same rewrite per element); None: "asm" with FP8 dots or the halves layout, else "e4m3".
     """
-    if fp4_decode not in FP4_DECODES:
+    halves = w.dtype == jnp.uint8
+    if not (fp4_decode is None or fp4_decode in FP4_DECODES):
         raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r}, not one of {FP4_DECODES}")
     if not (isinstance(fp4_parity, bool) or fp4_parity in FP4_PARITIES[2:]):
         raise ValueError(f"grouped_matmul(gpu): fp4_parity={fp4_parity!r}, not one of {FP4_PARITIES}")
@@ -508,16 +503,19 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         mma = "fp8" if (x_fp8 and decode and fmt in MMA_AUTO_FORMATS and x.shape[1] % 128 == 0) else "bf16"
     if mma not in MMAS:
         raise ValueError(f"grouped_matmul(gpu): mma={mma!r}, not one of {MMAS}")
-    if fp4_layout not in FP4_LAYOUTS:
-        raise ValueError(f"grouped_matmul(gpu): fp4_layout={fp4_layout!r}, not one of {FP4_LAYOUTS}")
-    if fmt == "fp4" and (fp4_decode == "asm" or fp4_layout != "pairs") and mma != "fp8":
-        raise ValueError(f"grouped_matmul(gpu): fp4_decode={fp4_decode!r} / fp4_layout={fp4_layout!r} need "
-                         f"mma='fp8' (got {mma!r})")
+    if fp4_decode is None:
+        fp4_decode = "asm" if (halves or mma == "fp8") else "e4m3"
+    if fmt == "fp4" and fp4_decode == "asm" and mma != "fp8" and not halves:
+        raise ValueError(f"grouped_matmul(gpu): fp4_decode='asm' needs mma='fp8' or the halves layout (got {mma!r})")
+    if halves and (fp4_parity or fp4_decode in ("bits", "bits_exp")):
+        raise ValueError(f"grouped_matmul(gpu): the halves FP4 layout (uint8) takes no fp4_parity / "
+                         f"fp4_decode={fp4_decode!r}")
     if mma == "fp8" and (fmt == "bf16" or transpose_w):
         raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs FP8 or FP4 weights (got {fmt}"
                          f"{', transpose_w' if transpose_w else ''})")
     table = (DECODE_MMA_DEFAULTS if mma == "fp8" else DECODE_DEFAULTS) if decode else DEFAULTS
-    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"), table[fmt]))
+    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"),
+                 table[fmt + "h" if halves else fmt]))
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
     w_lhs = d["w_lhs"] if w_lhs is None else w_lhs
@@ -544,7 +542,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     while bk > 16 and K % bk:
         bk //= 2
     if K % bk or ((fmt == "fp8" or mma == "fp8") and 128 % bk) or (fmt == "fp4" and bk % 32) or (
-            fmt == "fp4" and fp4_layout == "halves" and bk % 64):
+            halves and bk % 64):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
     if split_k is None:
@@ -569,7 +567,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt, transpose_w=transpose_w,
                                w_lhs=bool(w_lhs) and not transpose_w, fp4_decode=fp4_decode,
                                fp4_parity=fp4_parity if fmt == "fp4" else False, split_k=split_k, mma=mma,
-                               fp4_asm=fp4_decode == "asm" and not interpret, fp4_layout=fp4_layout)
+                               fp4_asm=fp4_decode == "asm" and not interpret,
+                               fp4_layout="halves" if halves else "pairs")
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
