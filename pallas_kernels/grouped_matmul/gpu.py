@@ -401,14 +401,14 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
             k0 = pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
             if mma == "fp8":
                 return fp8_step(acc, k0)
-            if fmt == "fp4" and fp4_layout == "halves":                # per 64 columns: 2 dots of 32 columns
-                for h in range(bk // 64):
+            if fmt == "fp4" and fp4_layout == "halves":                # per 64 columns one dot; x permuted
+                for h in range(bk // 64):                              # by the wrapper to (0, 32, 1, 33, ..)
                     lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)  # [bn, 32]
                     codes = s_ref[g, wc, kcols(k0 // 32 + 2 * h, 2)].astype(jnp.int32)              # [bn, 2]
                     sa, sb = jnp.split(jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0, 2, axis=1)
-                    acc = mm(acc, (lo.astype(f32) * sa).astype(jnp.bfloat16), x_ref[xr, kcols(k0 + 64 * h, 32)])
-                    acc = mm(acc, (hi.astype(f32) * sb).astype(jnp.bfloat16),
-                             x_ref[xr, kcols(k0 + 64 * h + 32, 32)])
+                    wt = jnp.stack([(lo.astype(f32) * sa).astype(jnp.bfloat16),
+                                    (hi.astype(f32) * sb).astype(jnp.bfloat16)], axis=-1).reshape(bn, 64)
+                    acc = mm(acc, wt, x_ref[xr, kcols(k0 + 64 * h, 64)])
                 return acc
             if fmt == "fp4" and fp4_parity:                            # two dots: even k, odd k
                 (w_ev, w_od), (x_ev, x_od) = fp4_halves(k0), x_halves(k0)
@@ -486,8 +486,10 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     (MMA_AUTO_FORMATS) when x_fp8 says x is FP8-representable per 128 columns and in % 128 == 0, else "bf16".
     The decode launch with mma="fp8" takes DECODE_MMA_DEFAULTS.
     FP4 in the "halves" layout (w uint8, `v4jax.quant.fp4_to_halves`; the scales as for int8): per 64 columns the
-    low nibbles are one whole 32-column scale block and the high nibbles the next, so each is its own dot (no
-    nibble interleave, no split of the tile); block_k % 64 == 0; fp4_parity and the "bits" decodes do not apply.
+    low nibbles are one whole 32-column scale block and the high nibbles the next. FP8 dots: each half is its own
+    dot (no nibble interleave, no split of the tile); bf16 dots: the two scaled halves joined into one [block_n,
+    64] tile against x's columns permuted to (0, 32, 1, 33, ...) by the wrapper (XLA fuses the permutation into
+    x's producer, the MoE's row gather). block_k % 64 == 0; fp4_parity and the "bits" decodes do not apply.
     fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`; interpret mode runs
     the same rewrite per element); None: "asm" with FP8 dots or the halves layout, else "e4m3".
     """
@@ -559,6 +561,8 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
         if fp4_parity == "permuted" and mma == "bf16":   # per K step of bk columns: bk/2 even ones, then odd ones
             args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
+        if halves and mma == "bf16":   # per 64 columns (0, 32, 1, 33, ..): the order of the joined nibble halves
+            args[1] = x.reshape(N, K // 64, 2, 32).swapaxes(2, 3).reshape(N, K)   # (fuses into x's producer)
     if mma == "fp8":
         if K % 128:
             raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs in={K} to be a multiple of 128")
