@@ -59,23 +59,23 @@ def test_decode_with_gpu_kernels_equals_reference(monkeypatch, fp32):
     jax.clear_caches()
 
 
-def test_wo_a_groups_run_the_kernel_per_group(monkeypatch):
-    """attention._output at 40 rows x g groups (more than skinny.MAX_ROWS in all, 40 per group): one skinny call per
-    group (not a dequantised grouped einsum), the same values as the XLA path."""
+def test_wo_a_groups_run_as_one_grouped_matmul(monkeypatch):
+    """attention._output at decode on a GPU (40 rows, g groups): the g group products are ONE grouped-matmul call
+    on the stored FP8 weight viewed as [g, r, in] (no slices, no dequantised copy), equal to the einsum path."""
     from v4jax import attention
     from v4jax.layers import rope_table
     cfg = ModelConfig.preset("tiny", o_lora_rank=128)
     p = v4jax.init_params(cfg, jax.random.key(0), dtype="native")["layers"]["0"]["attn"]
-    B, H, hd = 40, cfg.num_attention_heads, cfg.head_dim
-    assert B * cfg.o_groups > skinny.MAX_ROWS >= B
+    B, H, hd, g = 40, cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
     o = jax.random.normal(jax.random.key(2), (B, 1, H, hd), jnp.bfloat16)
     cos, sin = rope_table(jnp.arange(B)[:, None], layers.rope_inv_freq(cfg, 0))
     ref = np.asarray(attention._output(cfg, p, o, cos, sin), np.float32)
-    calls, real = [], skinny.linear
-    monkeypatch.setattr(skinny, "default_backend", lambda platform=None: "gpu")
-    monkeypatch.setattr(skinny, "linear", lambda *a, **k: calls.append(a[1]["weight"].shape) or real(*a, **k))
+    calls, real = [], attention.grouped_matmul
+    monkeypatch.setattr(gm, "default_backend", lambda platform=None: "gpu")
+    monkeypatch.setattr(attention, "grouped_matmul",
+                        lambda x, node, gs, **k: calls.append((x.shape, node["weight"].shape, node["scale"].shape,
+                                                               np.asarray(gs).tolist())) or real(x, node, gs, **k))
     got = np.asarray(attention._output(cfg, p, o, cos, sin), np.float32)
-    # the g per-group wo_a calls, then wo_b [dim, g * o_lora_rank]
-    assert calls == [(cfg.o_lora_rank, H * hd // cfg.o_groups)] * cfg.o_groups + [(cfg.dim, cfg.o_groups * 128)]
+    assert calls == [((g * B, H * hd // g), (g, 128, H * hd // g), (g, 1, H * hd // g // 128), [B] * g)]
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 1e-2, err

@@ -635,7 +635,7 @@ def test_gpu_kernel_fp4_halves_and_asm():
 
 
 def test_gpu_kernel_fp4_asm_lowers_for_cuda():
-    """The inline-PTX decode (the default with FP8 dots and for the halves layout) and the halves layout lower to
+    """The inline-PTX decode (the halves layout's default) and the halves layout lower to
     Triton at the Flash shapes (decode and 8K rows)."""
     E = 256
     gs = jax.ShapeDtypeStruct((E,), jnp.int32)
@@ -647,7 +647,7 @@ def test_gpu_kernel_fp4_asm_lowers_for_cuda():
         mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, **kw),
                            x, ww, gs, s)
         assert "triton" in mlir
-        assert ("0x1C1C1C1C" in mlir) == (kw.get("fp4_decode") != "e4m3")         # the PTX is in the kernel
+        assert ("0x1C1C1C1C" in mlir) == (ww is wh and kw.get("fp4_decode") != "e4m3")   # the PTX: halves default
 
 
 def test_dispatch_fp8_act_takes_fp8_mma():

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import indexer as indexer_kernels     # a module: pallas_kernels.indexer imports v4jax.indexer
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import linear as skinny
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.sparse_attention import sparse_attention
 
 from . import compressor, indexer
@@ -28,8 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
 from .sharding import active_axis_size
-from .layers import (act_dtype, act_einsum, apply_rope, linear_bf16, linear_fp8, rms_norm, rope_table, uses_skinny,
-                     weight)
+from .layers import act_dtype, act_einsum, apply_rope, linear_fp8, rms_norm, rope_table, weight
 from . import quant
 from .quant import round_to
 
@@ -106,15 +108,17 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True).reshape(B, S, g, H * hd // g)
     dt = act_dtype(cfg)
     r, w, s = cfg.o_lora_rank, p["wo_a"]["weight"], p["wo_a"].get("scale")
-    node = lambda i: ({"weight": w[i * r:(i + 1) * r]}
-                      | ({"scale": s[i * r // 128:(i + 1) * r // 128]} if s is not None else {}))
-    # decode on GPU: one skinny call per group when a group's B*S rows suit the kernel (2..64), or when all B*S*g
-    # rows together do (batch 1: then each group's one row is XLA's fused GEMV that reads the FP8 weight once);
-    # else the grouped einsum (at 32 rows it would dequantise the whole [8192, 4096] weight to bf16 first)
-    if cfg.o_lora_rank % 128 == 0 and (uses_skinny(o[:, :, 0], node(0)) or uses_skinny(o, p["wo_a"])):
-        o = jnp.stack([linear_bf16(cfg, node(i), o[:, :, i]) for i in range(g)], axis=2)
+    if (B * S <= skinny.MAX_ROWS and dt == jnp.bfloat16 and r % 128 == 0 and gm.default_backend() == "gpu"
+            and active_axis_size("tensor") == 1):
+        # decode on GPU: the g group products as ONE grouped-matmul call over the stored weight viewed as
+        # [g, r, in] (its decode launch, split-K) -- not g skinny calls on sliced weights (each slice a copy) nor
+        # the grouped einsum (which dequantises the whole FP8 weight to bf16 first)
+        node = {"weight": w.reshape(g, r, -1)} | ({"scale": s.reshape(g, r // 128, -1)} if s is not None else {})
+        rows = o.astype(dt).transpose(2, 0, 1, 3).reshape(g * B * S, -1)             # grouped by output group
+        y = grouped_matmul(rows, node, jnp.full((g,), B * S, jnp.int32), out_dtype=dt)
+        o = y.reshape(g, B, S, r).transpose(1, 2, 0, 3)
     else:
-        wo_a = weight(p["wo_a"], dt).reshape(g, cfg.o_lora_rank, -1)
+        wo_a = weight(p["wo_a"], dt).reshape(g, r, -1)
         if dt == jnp.bfloat16:      # same numerics; its backward runs bf16 x bf16 (layers.act_einsum)
             o = act_einsum("bsgi,gri->bsgr", o.astype(dt), wo_a)
         else:
