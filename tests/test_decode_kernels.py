@@ -64,9 +64,12 @@ def test_wo_a_groups_run_as_one_grouped_matmul(monkeypatch):
     on the stored FP8 weight viewed as [g, r, in] (no slices, no dequantised copy), equal to the einsum path."""
     from v4jax import attention
     from v4jax.layers import rope_table
+    from v4jax import quant
     cfg = ModelConfig.preset("tiny", o_lora_rank=128)
-    p = v4jax.init_params(cfg, jax.random.key(0), dtype="native")["layers"]["0"]["attn"]
     B, H, hd, g = 40, cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+    fp8 = lambda k, shape: dict(zip(("weight", "scale"), quant.quantize_fp8_weight(
+        0.05 * jax.random.normal(jax.random.key(k), shape, jnp.float32))))
+    p = {"wo_a": fp8(3, (g * 128, H * hd // g)), "wo_b": fp8(4, (cfg.dim, g * 128))}
     o = jax.random.normal(jax.random.key(2), (B, 1, H, hd), jnp.bfloat16)
     cos, sin = rope_table(jnp.arange(B)[:, None], layers.rope_inv_freq(cfg, 0))
     ref = np.asarray(attention._output(cfg, p, o, cos, sin), np.float32)

@@ -611,16 +611,17 @@ def test_gpu_kernel_fp4_halves_and_asm():
     few = [0] * 20
     for e in (1, 5, 5, 9, 19, 19, 19):
         few[e] += 1
-    for N, K, O, sizes in ((10, 512, 256, few), (300, 256, 192, [120, 0, 150])):
+    decode = [(dict(mma="fp8"), kw) for kw in (dict(), dict(w_lhs=False), dict(block_k=64, split_k=2))]
+    decode += [(dict(mma="bf16"), dict()), (dict(mma="fp8", fp4_decode="asm", halves=False), dict(w_lhs=False))]
+    for N, K, O, sizes, runs in ((10, 512, 256, few, decode),
+                                 (160, 256, 128, [70, 0, 90], [(dict(mma="bf16"), {}), (dict(mma="fp8"), {})])):
         _, node, gs = _inputs(N, K, O, sizes, seed=N + 3, fmt="fp4")
         x = _fp8_x(N, K, seed=N + 1)
         ref = _ref(x, node, gs)
         wh = quant.fp4_to_halves(node["weight"])
-        for kw in (dict(), dict(w_lhs=False), dict(block_k=64, split_k=2 if N < 100 else 1)):
-            for w, extra in ((wh, dict(mma="fp8")), (wh, dict(mma="fp8", fp4_decode="e4m3")), (wh, dict(mma="bf16")),
-                             (node["weight"], dict(mma="fp8", fp4_decode="asm"))):
-                out = gpu.grouped_matmul(x, w, gs, node["scale"], interpret=True, **kw, **extra)
-                _check(out, ref, sizes, N)
+        for extra, kw in runs:
+            w = wh if extra.pop("halves", True) else node["weight"]
+            _check(gpu.grouped_matmul(x, w, gs, node["scale"], interpret=True, **kw, **extra), ref, sizes, N)
     x, node, gs = _inputs(8, 256, 32, [3, 5], fmt="fp4")
     wh = quant.fp4_to_halves(node["weight"])
     with pytest.raises(ValueError, match="needs mma='fp8' or the halves"):
