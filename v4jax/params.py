@@ -343,7 +343,7 @@ def to_kernel_layout(params: dict, donate: bool = False) -> dict:
     the "halves" layout the GPU decode kernel reads (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
     in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave). Same
     bytes; every path of the model takes either layout (the reference paths unpack it). Measured on an H100
-    (docs/benchmarks.md): the FP4 expert matmuls 15-23% faster at 32 decode tokens. Serving on NVIDIA GPUs only;
+    (docs/benchmarks.md): the FP4 expert matmuls 14-23% faster at 32 decode tokens. Serving on NVIDIA GPUs only;
     `to_checkpoint_layout` (or loading again) before `v4jax.save`. donate: delete the input's FP4 arrays as their
     replacements are made (needed when the experts fill the devices: the input tree is unusable afterwards)."""
     return _relayout(params, jnp.int8, quant.fp4_to_halves, donate)

@@ -239,6 +239,12 @@ def _e4m3_of_nibbles(b, asm: bool):
     return _f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)
 
 
+def _fp4_scale(codes):
+    """E8M0 codes (int32) -> 64 * 2^(code - 127) in fp32: the scale of the e4m3 bytes of value / 64 (code 0 -> 0,
+    255 -> inf)."""
+    return jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+
+
 TILE_DECODES = ("e4m3", "bits", "bits_exp")   # fp4_decode_tile's (the int8 layout's bf16 dots)
 FP4_DECODES = TILE_DECODES + ("asm",)         # "asm": the FP8-dot path and the halves layout
 FP4_PARITIES = (False, True, "split", "strided", "permuted")
@@ -280,7 +286,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
             return jax.lax.bitcast_convert_type((mag | sign).astype(jnp.int16), jnp.bfloat16)
 
         return half(b & 7, (b << 12) & 0x8000), half((b >> 4) & 7, (b << 8) & 0x8000)
-    sc = per_weight(jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0)
+    sc = per_weight(_fp4_scale(codes))
     if decode == "e4m3":
         half = lambda high: _f8_of_nibble(((b >> 4) & 15) if high else (b & 15)).astype(f32)
     elif decode == "bits":
@@ -331,6 +337,14 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         codes = s_ref[g, wc, kcols(k0 // 32, bk // 32)].astype(jnp.int32)   # [bn, bk/32] E8M0 codes
         return fp4_decode_tile(b, codes, fp4_decode)
 
+    def halves_group(k0, h, transposed):
+        """The h-th 64-column group of the K step in the halves layout: (low, high) e4m3 [bn, 32] (inputs
+        k0 + 64h + 0..31 and + 32..63) and their scales, [bn, 1] each, or [1, bn] if transposed."""
+        lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)
+        cb = k0 // 32 + 2 * h + iota(2)
+        codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
+        return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
+
     def weight_tile(k0):
         """[bn, bk] bf16: w[g, cols, k0:k0+bk], dequantised."""
         if fmt == "bf16":
@@ -368,16 +382,10 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         elif fp4_layout == "halves":                                    # per 64 columns: two whole scale blocks
             wts, xts, wsc = [], [], []
             for h in range(bk // 64):
-                lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)   # [bn, 32] each
-                cb = k0 // 32 + 2 * h + iota(2)
-                if w_lhs:
-                    codes = s_ref[g, wc, cb[None, :]].astype(jnp.int32)                      # [bn, 2]
-                else:
-                    codes = s_ref[g, wcol[None, :], cb[:, None]].astype(jnp.int32)           # [2, bn]
-                sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+                lo, hi, (sa, sb) = halves_group(k0, h, transposed=not w_lhs)
                 wts += [lo, hi]
                 xts += [x_ref[xr, kcols(k0 + 64 * h, 32)], x_ref[xr, kcols(k0 + 64 * h + 32, 32)]]
-                wsc += list(jnp.split(sc, 2, axis=1 if w_lhs else 0))
+                wsc += [sa, sb]
         else:
             nb = bk // 32
             lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2, bk // 2)], fp4_asm)    # [bn, bk/2] each
@@ -386,7 +394,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
                 codes = s_ref[g, wc, kcols(k0 // 32, nb)].astype(jnp.int32)          # [bn, nb]
             else:
                 codes = s_ref[g, wcol[None, :], (k0 // 32 + iota(nb))[:, None]].astype(jnp.int32)   # [nb, bn]
-            sc = jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+            sc = _fp4_scale(codes)
             split = lambda a, axis: jnp.split(a, nb, axis=axis) if nb > 1 else [a]
             wts, xts = split(w8, 1), split(xt, 1)
             wsc = split(sc, 1 if w_lhs else 0)
@@ -411,9 +419,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
                 return fp8_step(acc, k0)
             if fmt == "fp4" and fp4_layout == "halves":                # per 64 columns one dot; x permuted
                 for h in range(bk // 64):                              # by the wrapper to (0, 32, 1, 33, ..)
-                    lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)  # [bn, 32]
-                    codes = s_ref[g, wc, kcols(k0 // 32 + 2 * h, 2)].astype(jnp.int32)              # [bn, 2]
-                    sa, sb = jnp.split(jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0, 2, axis=1)
+                    lo, hi, (sa, sb) = halves_group(k0, h, transposed=False)
                     wt = jnp.stack([(lo.astype(f32) * sa).astype(jnp.bfloat16),
                                     (hi.astype(f32) * sb).astype(jnp.bfloat16)], axis=-1).reshape(bn, 64)
                     acc = mm(acc, wt, x_ref[xr, kcols(k0 + 64 * h, 64)])
@@ -457,7 +463,8 @@ def fp8_blocks(x: jax.Array, block: int = 128):
 def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
     if scale is None:
         return "bf16"
-    if w.dtype in (jnp.int8, jnp.uint8):                    # uint8: FP4 in quant.fp4_to_halves' layout
+    from v4jax.quant import is_fp4               # lazy: v4jax imports pallas_kernels
+    if is_fp4(w):                                # int8, or uint8 in quant.fp4_to_halves' layout
         return "fp4"
     if w.dtype == jnp.float8_e4m3fn:
         return "fp8"
