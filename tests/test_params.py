@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import v4jax
+from v4jax import quant
 from v4jax import checkpoint as C
 from v4jax import params as P
 from v4jax.safetensors_io import dtype_name
@@ -111,19 +112,28 @@ def test_logical_axes_cover_every_leaf():
 
 
 def test_kernel_layout_params(tmp_path):
-    """to_kernel_layout: the FP4 expert weights become uint8 in the halves layout (nothing else changes), the
-    model's logits are bit-identical, to_checkpoint_layout restores the bytes, and save refuses the kernel layout
-    with the fix in its message."""
+    """to_kernel_layout: the FP4 expert weights become uint8 in the halves layout and each layer's w1/w3 one w13
+    node (nothing else changes), the model's logits are bit-identical, to_checkpoint_layout restores the bytes,
+    and save refuses the kernel layout with the fix in its message."""
     cfg = v4jax.ModelConfig.preset("tiny")
     params = v4jax.init_params(cfg, jax.random.key(0), dtype="native")
     kp = P.to_kernel_layout(params)
     flat, kflat = P.flatten(params), P.flatten(kp)
-    changed = sorted(k for k in flat if kflat[k].dtype != flat[k].dtype)
-    assert changed and all(".ffn.experts." in k and k.endswith(".weight") for k in changed)
+    gone = sorted(set(flat) - set(kflat))
+    assert gone and all(".ffn.experts.w1." in k or ".ffn.experts.w3." in k for k in gone)
+    for k in (k for k in gone if ".w1." in k):                 # w13 = [w1; w3] along out, in the halves layout
+        j = kflat[k.replace(".w1.", ".w13.")]
+        w1, w3 = flat[k], flat[k.replace(".w1.", ".w3.")]
+        conv = quant.fp4_to_halves if k.endswith("weight") else (lambda a: a)
+        assert j.dtype == (jnp.uint8 if k.endswith("weight") else w1.dtype)
+        np.testing.assert_array_equal(np.asarray(j), np.concatenate([np.asarray(conv(w1)), np.asarray(conv(w3))], 1))
+    changed = sorted(k for k in kflat if k in flat and kflat[k].dtype != flat[k].dtype)
+    assert changed and all(k.endswith(".ffn.experts.w2.weight") for k in changed)
     assert all(kflat[k].dtype == jnp.uint8 for k in changed)
-    assert all(kflat[k] is flat[k] for k in flat if k not in changed)
+    assert all(kflat[k] is flat[k] for k in kflat if k in flat and k not in changed)
     back = P.flatten(P.to_checkpoint_layout(kp))
-    assert all(np.array_equal(np.asarray(back[k]), np.asarray(flat[k])) for k in changed)
+    assert back.keys() == flat.keys()
+    assert all(np.array_equal(np.asarray(back[k]), np.asarray(flat[k])) for k in changed + gone)
     toks = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     np.testing.assert_array_equal(np.asarray(v4jax.forward(cfg, kp, toks)), np.asarray(v4jax.forward(cfg, params, toks)))
     with pytest.raises(C.CheckpointError, match="to_checkpoint_layout"):

@@ -73,9 +73,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=None, help="CPU dry run with this many host devices")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp4-layout", choices=("kernel", "checkpoint"), default="kernel",
-                   help="FP4 experts in the GPU kernel's halves layout (params.to_kernel_layout, the default) or "
-                        "as packed in the checkpoint")
+    p.add_argument("--fp4-layout", choices=("kernel", "kernel-unfused", "checkpoint"), default="kernel",
+                   help="routed experts as params.to_kernel_layout leaves them (FP4 halves layout, w1/w3 joined: "
+                        "the default), the same without joining w1/w3 (fuse_gate_up=False), or as in the checkpoint")
     p.add_argument("--profile", default=None,
                    help="directory: trace 4 more decode steps of every decode case with the JAX profiler and print "
                         "the kernels that take the time (v4jax.profiling)")
@@ -240,8 +240,8 @@ def run(args) -> int:
         params = P.init_params_sharded(cfg, jax.random.key(args.seed), SH.param_shardings(cfg, mesh, "native",
                                                                                           rules))
         jax.block_until_ready(params)
-        if args.fp4_layout == "kernel":         # what a GPU server runs (params.to_kernel_layout): same bytes
-            params = P.to_kernel_layout(params, donate=True)
+        if args.fp4_layout != "checkpoint":     # what a GPU server runs (params.to_kernel_layout): same bytes
+            params = P.to_kernel_layout(params, donate=True, fuse_gate_up=args.fp4_layout == "kernel")
         held = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
         mem = device_memory()
         res.update(weights_checkpoint_GB=wb["total"] / 1e9, weights_held_GB=held / 1e9,

@@ -75,7 +75,7 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
 
     Assignments are sorted by expert and run as grouped matmuls (`jax.lax.ragged_dot`)."""
     T, k = ids.shape
-    E_loc = p["w1"]["weight"].shape[0]
+    E_loc = p["w2"]["weight"].shape[0]
     dt = act_dtype(cfg)
     x = x.astype(dt)
     if cfg.quant_sim:
@@ -88,8 +88,12 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
     xs = x[order // k]
-    g = _grouped(xs, p["w1"], sizes, dt, cfg.quant_sim)
-    u = _grouped(xs, p["w3"], sizes, dt, cfg.quant_sim)
+    if "w13" in p:                                                   # params.to_kernel_layout: one call
+        gu = _grouped(xs, p["w13"], sizes, dt, cfg.quant_sim)
+        g, u = jnp.split(gu, 2, axis=-1)
+    else:
+        g = _grouped(xs, p["w1"], sizes, dt, cfg.quant_sim)
+        u = _grouped(xs, p["w3"], sizes, dt, cfg.quant_sim)
     h = swiglu(cfg, g, u, w.reshape(-1)[order])
     if cfg.quant_sim:
         h = quant.fp8_sim(h, 128)

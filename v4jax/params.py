@@ -318,9 +318,17 @@ def init_params_sharded(cfg: ModelConfig, key: jax.Array, shardings: dict[str, A
             fn = _LEAF_INIT_CACHE[sig] = jax.jit(lambda k, p=p: _quantized_value(cfg, p, dtype,
                                                                                  _init_value(cfg, "", p, k)),
                                                  out_shardings=outs)
-        vals = fn(jax.random.fold_in(key, zlib.crc32(name.encode())))
+        # One program in flight at a time: XLA:CPU can deadlock when several programs with collectives (a scale
+        # block split across devices needs an all-reduce of its amax) are queued on a small host thread pool;
+        # seen on a 2-core CI machine. The cost elsewhere is one sync per leaf.
+        vals = jax.block_until_ready(fn(jax.random.fold_in(key, zlib.crc32(name.encode()))))
         flat.update(zip(names, vals))
     return unflatten(flat)
+
+
+def _on_sharding_of(fn, like: jax.Array):
+    sh = getattr(like, "sharding", None)
+    return jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
 
 
 def _relayout(params: dict, src, fn, donate: bool) -> dict:
@@ -330,28 +338,72 @@ def _relayout(params: dict, src, fn, donate: bool) -> dict:
     out = dict(flat)
     for name, w in flat.items():
         if name.endswith(".weight") and name[:-6] + "scale" in flat and w.dtype == src:
-            sh = getattr(w, "sharding", None)
-            f = jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
-            out[name] = jax.block_until_ready(f(w))
+            out[name] = jax.block_until_ready(_on_sharding_of(fn, w)(w))
             if donate:
                 w.delete()
     return unflatten(out)
 
 
-def to_kernel_layout(params: dict, donate: bool = False) -> dict:
-    """Native params -> the same with every FP4 weight (the routed experts: int8 in the checkpoint's packing) in
-    the "halves" layout the GPU decode kernel reads (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
-    in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave). Same
-    bytes; every path of the model takes either layout (the reference paths unpack it). Measured on an H100
-    (docs/benchmarks.md): the FP4 expert matmuls 14-23% faster at 32 decode tokens. Serving on NVIDIA GPUs only;
-    `to_checkpoint_layout` (or loading again) before `v4jax.save`. donate: delete the input's FP4 arrays as their
-    replacements are made (needed when the experts fill the devices: the input tree is unusable afterwards)."""
-    return _relayout(params, jnp.int8, quant.fp4_to_halves, donate)
+def _fusable(a: jax.Array) -> bool:
+    """Whether a stacked expert leaf [E, out, ...] can be joined with another along `out` on its sharding: the
+    `out` axis is not split over devices (each device then holds whole rows of both)."""
+    sh = getattr(a, "sharding", None)
+    if not isinstance(sh, jax.sharding.NamedSharding):
+        return True
+    spec = tuple(sh.spec) + (None,) * (a.ndim - len(sh.spec))
+    return spec[1] is None
+
+
+def _fuse_gate_up(flat: dict, donate: bool) -> dict:
+    """Each routed-expert group's w1 and w3 (same input x) joined along `out` into one `w13` node ([E, 2F, ...]:
+    rows 0..F-1 are w1's, F..2F-1 w3's), weight and scale alike, so the MoE runs one grouped matmul for both."""
+    for name in [n for n in flat if n.endswith(".experts.w1.weight")]:
+        base = name[: -len("w1.weight")]
+        pairs = {leaf: (flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]) for leaf in ("weight", "scale")}
+        if not all(_fusable(a) for a, _ in pairs.values()):
+            continue
+        for leaf, (a, b) in pairs.items():
+            flat[f"{base}w13.{leaf}"] = jax.block_until_ready(
+                _on_sharding_of(lambda u, v: jnp.concatenate([u, v], axis=1), a)(a, b))
+            del flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]
+            if donate:
+                a.delete()
+                b.delete()
+    return flat
+
+
+def _split_gate_up(flat: dict, donate: bool) -> dict:
+    """Inverse of `_fuse_gate_up`."""
+    for name in [n for n in flat if n.endswith(".experts.w13.weight")]:
+        base = name[: -len("w13.weight")]
+        for leaf in ("weight", "scale"):
+            j = flat.pop(f"{base}w13.{leaf}")
+            F = j.shape[1] // 2
+            for k, sl in (("w1", slice(0, F)), ("w3", slice(F, 2 * F))):
+                flat[f"{base}{k}.{leaf}"] = jax.block_until_ready(_on_sharding_of(lambda u, sl=sl: u[:, sl], j)(j))
+            if donate:
+                j.delete()
+    return flat
+
+
+def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = True) -> dict:
+    """Native params -> the form the GPU serving kernels read best: every FP4 weight (the routed experts: int8 in
+    the checkpoint's packing) in the "halves" layout (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
+    in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave), and each
+    layer's routed w1 and w3 joined into one `experts.w13` node (weight and scale along `out`: one grouped matmul
+    for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart). Same bytes; every path of the model takes
+    either form (the reference paths unpack the halves, `moe.routed_sum` splits w13's output). Measured on an H100
+    (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout` (or loading again) before
+    `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made (needed when the experts
+    fill the devices: the input tree is unusable afterwards)."""
+    flat = flatten(_relayout(params, jnp.int8, quant.fp4_to_halves, donate))
+    return unflatten(_fuse_gate_up(flat, donate) if fuse_gate_up else flat)
 
 
 def to_checkpoint_layout(params: dict, donate: bool = False) -> dict:
-    """Inverse of `to_kernel_layout`: FP4 weights back to the checkpoint's packing (int8)."""
-    return _relayout(params, jnp.uint8, quant.fp4_from_halves, donate)
+    """Inverse of `to_kernel_layout`: w13 split back into w1 and w3, FP4 weights in the checkpoint's packing."""
+    flat = _split_gate_up(flatten(params), donate)
+    return _relayout(unflatten(flat), jnp.uint8, quant.fp4_from_halves, donate)
 
 
 def dequantize_leaf(storage: str, w: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:

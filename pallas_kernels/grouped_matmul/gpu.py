@@ -380,11 +380,11 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
             wsc = [s_ref[g, wc // 128 if w_lhs else wcol[None, :] // 128, k0 // 128]]   # [bn, 1] / [1, bn]
             xts = [xt]
         elif fp4_layout == "halves":                                    # per 64 columns: two whole scale blocks
-            wts, xts, wsc = [], [], []
+            xts = [x_ref[xr, kcols(k0 + 32 * i, 32)] for i in range(bk // 32)]   # x first, as above
+            wts, wsc = [], []
             for h in range(bk // 64):
                 lo, hi, (sa, sb) = halves_group(k0, h, transposed=not w_lhs)
                 wts += [lo, hi]
-                xts += [x_ref[xr, kcols(k0 + 64 * h, 32)], x_ref[xr, kcols(k0 + 64 * h + 32, 32)]]
                 wsc += [sa, sb]
         else:
             nb = bk // 32
