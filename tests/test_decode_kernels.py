@@ -42,12 +42,15 @@ def test_decode_with_gpu_kernels_equals_reference(monkeypatch, fp32):
     calls = []
     real = skinny.linear
     monkeypatch.setattr(skinny, "default_backend", lambda platform=None: "gpu")
-    monkeypatch.setattr(skinny, "linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(skinny, "linear", lambda *a, **k: calls.append((a[0].shape, k.get("x_fp8", False)))
+                        or real(*a, **k))
     monkeypatch.setattr(gm, "default_backend", lambda platform=None: "gpu")
     assert layers.uses_skinny(jnp.zeros((2, 1, 128), jnp.bfloat16), params["layers"]["0"]["attn"]["wq_a"])
     jax.clear_caches()                                  # decode_step is jitted: trace it again with the kernels
     got = _decode(cfg, params, toks, 8)
-    assert calls and all(int(np.prod(s[:-1])) <= skinny.MAX_ROWS for s in calls)
+    assert calls and all(int(np.prod(s[:-1])) <= skinny.MAX_ROWS for s, _ in calls)
+    # bf16 activations under quant_sim: the FP8 linears quantise x inside the kernel (layers.fused_fp8_linear)
+    assert any(f for _, f in calls) != fp32
     assert np.isfinite(got).all()
     if fp32:
         # fp32 activations: the kernels' fp32 sums differ from XLA's only in summation order

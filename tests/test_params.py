@@ -120,13 +120,17 @@ def test_kernel_layout_params(tmp_path):
     kp = P.to_kernel_layout(params)
     flat, kflat = P.flatten(params), P.flatten(kp)
     gone = sorted(set(flat) - set(kflat))
-    assert gone and all(".ffn.experts.w1." in k or ".ffn.experts.w3." in k for k in gone)
-    for k in (k for k in gone if ".w1." in k):                 # w13 = [w1; w3] along out, in the halves layout
+    assert {k.split(".ffn.")[1] for k in gone} == {f"{e}.{w}.{leaf}" for e in ("experts", "shared_experts")
+                                                  for w in ("w1", "w3") for leaf in ("weight", "scale")}
+    for k in (k for k in gone if ".w1." in k):                 # w13 = [w1; w3] along out (halves layout for FP4)
         j = kflat[k.replace(".w1.", ".w13.")]
         w1, w3 = flat[k], flat[k.replace(".w1.", ".w3.")]
-        conv = quant.fp4_to_halves if k.endswith("weight") else (lambda a: a)
-        assert j.dtype == (jnp.uint8 if k.endswith("weight") else w1.dtype)
-        np.testing.assert_array_equal(np.asarray(j), np.concatenate([np.asarray(conv(w1)), np.asarray(conv(w3))], 1))
+        fp4 = k.endswith("weight") and quant.is_fp4(w1)
+        conv = quant.fp4_to_halves if fp4 else (lambda a: a)
+        assert j.dtype == (jnp.uint8 if fp4 else w1.dtype)
+        axis = 1 if ".experts." in k else 0
+        np.testing.assert_array_equal(np.asarray(j), np.concatenate([np.asarray(conv(w1)), np.asarray(conv(w3))],
+                                                                    axis))
     changed = sorted(k for k in kflat if k in flat and kflat[k].dtype != flat[k].dtype)
     assert changed and all(k.endswith(".ffn.experts.w2.weight") for k in changed)
     assert all(kflat[k].dtype == jnp.uint8 for k in changed)

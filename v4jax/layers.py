@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,25 @@ def _linear_act(x: jax.Array, node: dict, dt) -> jax.Array:
     return quant.round_to(_linear(x, node, dt), dt)
 
 
+def fused_fp8_linear(x: jax.Array, node: dict) -> bool:
+    """Whether `linear_fp8` runs as one skinny-kernel call that also does the activation FP8 simulation in
+    registers (`pallas_kernels.linear.linear(x_fp8=True)`): an NVIDIA GPU, bf16 activations, 1 to MAX_ROWS rows,
+    an FP8/bf16 weight with whole 128-input blocks. One row included: the kernel's CUDA-core GEMV path replaces
+    fp8_sim's two XLA kernels, the E8M0 decode kernel and XLA's fused GEMV. V4JAX_DECODE_LINEAR=legacy restores
+    the session 6 routing (fp8_sim in XLA, one row to XLA, 2+ rows to the tensor-core kernel) for A/B runs."""
+    rows = math.prod(x.shape[:-1])
+    return (FUSED_DECODE_LINEAR and x.dtype == bf16 and rows >= 1 and skinny.default_backend() == "gpu"
+            and skinny.uses_kernel(rows, node["weight"], node.get("scale"), x_fp8=True))
+
+
+FUSED_DECODE_LINEAR = os.environ.get("V4JAX_DECODE_LINEAR") != "legacy"
+
+
 def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:
     dt = act_dtype(cfg)
     x = x.astype(dt)
+    if cfg.quant_sim and fused_fp8_linear(x, node):
+        return quant.round_to(skinny.linear(x, node, out_dtype=f32, x_fp8=True), dt)
     if cfg.quant_sim:
         x = quant.fp8_sim(x, 128)
     return _linear_act(x, node, dt)

@@ -56,7 +56,10 @@ def swiglu(cfg: ModelConfig, g: jax.Array, u: jax.Array, w: jax.Array | None = N
 
 
 def shared_expert(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
-    h = swiglu(cfg, linear_fp8(cfg, p["w1"], x), linear_fp8(cfg, p["w3"], x))
+    if "w13" in p:                                                   # params.to_kernel_layout: one linear
+        h = swiglu(cfg, *jnp.split(linear_fp8(cfg, p["w13"], x), 2, axis=-1))
+    else:
+        h = swiglu(cfg, linear_fp8(cfg, p["w1"], x), linear_fp8(cfg, p["w3"], x))
     return linear_fp8(cfg, p["w2"], h)
 
 

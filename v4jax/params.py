@@ -326,6 +326,16 @@ def init_params_sharded(cfg: ModelConfig, key: jax.Array, shardings: dict[str, A
     return unflatten(flat)
 
 
+def _fusable(a: jax.Array, axis: int) -> bool:
+    """Whether a leaf can be joined with another along `axis` on its sharding: that axis is not split over devices
+    (each device then holds whole rows of both)."""
+    sh = getattr(a, "sharding", None)
+    if not isinstance(sh, jax.sharding.NamedSharding):
+        return True
+    spec = tuple(sh.spec) + (None,) * (a.ndim - len(sh.spec))
+    return spec[axis] is None
+
+
 def _on_sharding_of(fn, like: jax.Array):
     sh = getattr(like, "sharding", None)
     return jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
@@ -344,43 +354,42 @@ def _relayout(params: dict, src, fn, donate: bool) -> dict:
     return unflatten(out)
 
 
-def _fusable(a: jax.Array) -> bool:
-    """Whether a stacked expert leaf [E, out, ...] can be joined with another along `out` on its sharding: the
-    `out` axis is not split over devices (each device then holds whole rows of both)."""
-    sh = getattr(a, "sharding", None)
-    if not isinstance(sh, jax.sharding.NamedSharding):
-        return True
-    spec = tuple(sh.spec) + (None,) * (a.ndim - len(sh.spec))
-    return spec[1] is None
+_GATE_UP = {".experts.": 1, ".shared_experts.": 0}      # FFN node -> its `out` axis (stacked experts: 1)
 
 
 def _fuse_gate_up(flat: dict, donate: bool) -> dict:
-    """Each routed-expert group's w1 and w3 (same input x) joined along `out` into one `w13` node ([E, 2F, ...]:
-    rows 0..F-1 are w1's, F..2F-1 w3's), weight and scale alike, so the MoE runs one grouped matmul for both."""
-    for name in [n for n in flat if n.endswith(".experts.w1.weight")]:
+    """Each FFN's w1 and w3 (the same input x) joined along `out` into one `w13` node (rows 0..F-1 w1's, F..2F-1
+    w3's; weight and scale alike: F is a multiple of the 128-row FP8 scale block), so the routed experts run one
+    grouped matmul and the shared expert one linear for both."""
+    for name in [n for n in flat if n.endswith("w1.weight")]:
         base = name[: -len("w1.weight")]
-        pairs = {leaf: (flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]) for leaf in ("weight", "scale")}
-        if not all(_fusable(a) for a, _ in pairs.values()):
+        axis = next((ax for key, ax in _GATE_UP.items() if base.endswith(key)), None)
+        if axis is None or f"{base}w1.scale" not in flat:           # quantised weights (a scale beside)
             continue
-        for leaf, (a, b) in pairs.items():
+        pairs = {leaf: (flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]) for leaf in ("weight", "scale")}
+        if not all(_fusable(u, axis) for u, _ in pairs.values()):
+            continue
+        for leaf, (u, v) in pairs.items():
             flat[f"{base}w13.{leaf}"] = jax.block_until_ready(
-                _on_sharding_of(lambda u, v: jnp.concatenate([u, v], axis=1), a)(a, b))
+                _on_sharding_of(lambda u, v: jnp.concatenate([u, v], axis=axis), u)(u, v))
             del flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]
             if donate:
-                a.delete()
-                b.delete()
+                u.delete()
+                v.delete()
     return flat
 
 
 def _split_gate_up(flat: dict, donate: bool) -> dict:
     """Inverse of `_fuse_gate_up`."""
-    for name in [n for n in flat if n.endswith(".experts.w13.weight")]:
+    for name in [n for n in flat if n.endswith("w13.weight")]:
         base = name[: -len("w13.weight")]
+        axis = next(ax for key, ax in _GATE_UP.items() if base.endswith(key))
         for leaf in ("weight", "scale"):
             j = flat.pop(f"{base}w13.{leaf}")
-            F = j.shape[1] // 2
-            for k, sl in (("w1", slice(0, F)), ("w3", slice(F, 2 * F))):
-                flat[f"{base}{k}.{leaf}"] = jax.block_until_ready(_on_sharding_of(lambda u, sl=sl: u[:, sl], j)(j))
+            F = j.shape[axis] // 2
+            for k, lo in (("w1", 0), ("w3", F)):
+                flat[f"{base}{k}.{leaf}"] = jax.block_until_ready(_on_sharding_of(
+                    lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis), j)(j))
             if donate:
                 j.delete()
     return flat
@@ -390,8 +399,8 @@ def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = Tr
     """Native params -> the form the GPU serving kernels read best: every FP4 weight (the routed experts: int8 in
     the checkpoint's packing) in the "halves" layout (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
     in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave), and each
-    layer's routed w1 and w3 joined into one `experts.w13` node (weight and scale along `out`: one grouped matmul
-    for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart). Same bytes; every path of the model takes
+    FFN's w1 and w3 (routed and shared experts) joined into one `w13` node (weight and scale along `out`: one
+    kernel for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart). Same bytes; every path of the model takes
     either form (the reference paths unpack the halves, `moe.routed_sum` splits w13's output). Measured on an H100
     (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout` (or loading again) before
     `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made (needed when the experts

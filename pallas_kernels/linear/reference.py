@@ -7,6 +7,8 @@
 The matmul runs in `compute_dtype`: bf16 when x is bf16 and the weight is exact in bf16 (bf16, FP8, FP4), else
 fp32 (`precision=HIGHEST`: true fp32, no TF32). Either way every product is exact in fp32, so the result is the
 fp32 accumulation of x * W -- the same graph as `v4jax.layers.linear_fp8 / linear_f32` (dequantise + einsum).
+x_fp8=True first replaces x by `v4jax.quant.fp8_sim(x, 128)` (the activation FP8 simulation of `linear_fp8` under
+quant_sim; identity gradient), the definition the kernel's in-register quantisation must match bit for bit.
 """
 from __future__ import annotations
 
@@ -24,8 +26,12 @@ def compute_dtype(x: jax.Array, w: jax.Array, scale: jax.Array | None):
     return jnp.dtype(jnp.bfloat16) if x.dtype == jnp.bfloat16 and exact_bf16 else jnp.dtype(f32)
 
 
-def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """x [..., K], w [O, K] (+ optional scale) -> [..., O] fp32 = x @ dequantize(w, scale)^T."""
+def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, x_fp8: bool = False) -> jax.Array:
+    """x [..., K], w [O, K] (+ optional scale) -> [..., O] fp32 = x @ dequantize(w, scale)^T; x_fp8: of
+    fp8_sim(x, 128) instead of x."""
+    if x_fp8:
+        from v4jax import quant                  # lazy: v4jax imports pallas_kernels (no import cycle)
+        x = quant.fp8_sim(x, 128)
     dt = compute_dtype(x, w, scale)
     return jnp.einsum("...k,ok->...o", x.astype(dt), dequantize(w, scale, dt), preferred_element_type=f32,
                       precision=jax.lax.Precision.HIGHEST)
