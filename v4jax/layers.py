@@ -93,12 +93,15 @@ def _linear_act(x: jax.Array, node: dict, dt) -> jax.Array:
 
 def fused_fp8_linear(x: jax.Array, node: dict) -> bool:
     """Whether `linear_fp8` runs as one skinny-kernel call that also does the activation FP8 simulation in
-    registers (`pallas_kernels.linear.linear(x_fp8=True)`): an NVIDIA GPU, bf16 activations, 1 to MAX_ROWS rows,
-    an FP8/bf16 weight with whole 128-input blocks. One row included: the kernel's CUDA-core GEMV path replaces
-    fp8_sim's two XLA kernels, the E8M0 decode kernel and XLA's fused GEMV. V4JAX_DECODE_LINEAR=legacy restores
+    registers (`pallas_kernels.linear.linear(x_fp8=True)`): an NVIDIA GPU, bf16 activations, the rows the kernel's
+    CUDA-core GEMV path serves (1 to `gemv_rows()`), an FP8/bf16 weight with whole 128-input blocks. There one call
+    replaces fp8_sim's two XLA kernels, the E8M0 decode kernel and the GEMV (for one row XLA's fused reduction).
+    More rows keep fp8_sim in XLA: in the tensor-core path the in-kernel quantisation, repeated by every program,
+    made the 6-layer Flash decode at 32 rows slower (H100, docs/benchmarks.md session 7). V4JAX_DECODE_LINEAR=legacy restores
     the session 6 routing (fp8_sim in XLA, one row to XLA, 2+ rows to the tensor-core kernel) for A/B runs."""
     rows = math.prod(x.shape[:-1])
-    return (FUSED_DECODE_LINEAR and x.dtype == bf16 and rows >= 1 and skinny.default_backend() == "gpu"
+    return (FUSED_DECODE_LINEAR and x.dtype == bf16 and 1 <= rows <= skinny.gemv_rows()
+            and skinny.default_backend() == "gpu"
             and skinny.uses_kernel(rows, node["weight"], node.get("scale"), x_fp8=True))
 
 

@@ -27,6 +27,12 @@ def default_backend(platform: str | None = None) -> str:
     return platform_backend(BACKENDS, platform)
 
 
+def gemv_rows() -> int:
+    """Rows of bf16 x (a third of that for fp32 x) that the kernel serves with its CUDA-core GEMV path."""
+    from . import gpu
+    return gpu.GEMV_ROWS
+
+
 def uses_kernel(M: int, w: jax.Array, scale: jax.Array | None = None, *, x_fp8: bool = False) -> bool:
     """Whether the "gpu" backend runs the kernel for M rows of x (else the reference): 1 <= M <= MAX_ROWS and a
     bf16 or FP8 e4m3 weight (with or without E8M0 scale) whose dims are multiples of 16 (smaller, odd weights

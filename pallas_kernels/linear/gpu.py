@@ -146,28 +146,33 @@ def _splits(steps: int, tiles: int, rows: int, K: int, w_bytes: int, sms: int) -
     return splits
 
 
+GEMV_MIN_STEPS = 4                # K steps a GEMV program keeps at least (measured: fewer, longer programs win)
+
+
 def gemv_launch(rows: int, O: int, K: int, w_bytes: int = 1, sms: int = 132):
-    """Default (block_n, block_k, splits, num_warps, num_stages) of the CUDA-core path (rows <= GEMV_ROWS). Design
-    rules, not yet tuned by measurement (scripts/sweep_decode_kernels.py sweeps them):
+    """Default (block_n, block_k, splits, num_warps, num_stages) of the CUDA-core path (rows <= GEMV_ROWS). Tuned by
+    `scripts/sweep_decode_kernels.py --only linear` on an H100 (docs/benchmarks.md, session 7): at Flash's decode
+    shapes these launches were the sweep's best or within 3% of it (one row: wq_b [32768, 1024] 17.5 us = 70% of
+    copy bandwidth, wo_b [4096, 8192] 19.3 us, wq_a [1024, 4096] 8.8 us).
       * block_k 128: one E8M0 scale and one x_fp8 block per step; a tile row is 128 bytes of FP8 (8 threads x 16).
-      * block_n: an 8 KB weight tile (64 FP8 / 32 bf16 rows), lowered to divide O. At 4 warps that is 64 (FP8) or
-        32 (bf16) fp32 weight values per thread after the decode, and 4 x 16-byte loads in flight per thread and
-        unrolled step (`gemv_unroll`).
-      * splits: as `launch` -- the smallest divisor of the K steps giving >= 2 programs per SM (wq_a [1024, 4096]:
-        16 O tiles x 32 splits), with the partials at most half the weight bytes.
-      * num_warps 4; num_stages 1: no dot in the loop, so nothing for the pipeliner to stage (the overlap of loads
-        comes from `gemv_unroll` and from the other resident programs).
+      * block_n: an 8 KB weight tile (64 FP8 / 32 bf16 rows), lowered to divide O.
+      * splits: as `launch` -- the smallest divisor of the K steps giving >= 2 programs per SM -- but keeping at
+        least GEMV_MIN_STEPS steps per program (wq_a: 16 O tiles x 8 splits measured 8.8 us, x 32 splits 10.7).
+      * num_warps 4; num_stages 1: no dot in the loop, so nothing for the pipeliner to stage.
     """
     bk = _pow2_dividing(K, 128)
     bn = _pow2_dividing(O, max(16, 8192 // (bk * w_bytes)))
     bn = min(bn, 128)
     steps, tiles = K // bk, O // bn
-    return bn, bk, _splits(steps, tiles, rows, K, w_bytes, sms), 4, 1
+    splits = _splits(steps, tiles, rows, K, w_bytes, sms)
+    while splits > 1 and steps // splits < GEMV_MIN_STEPS:
+        splits = max(d for d in range(1, splits) if steps % d == 0)
+    return bn, bk, splits, 4, 1
 
 
 def gemv_unroll(steps: int) -> int:
-    """Default steps loaded per loop iteration of the CUDA-core path: 2 where it divides the program's steps."""
-    return 2 if steps % 2 == 0 else 1
+    """Default steps loaded per loop iteration of the CUDA-core path: 1 (the sweep: 2 was 5-17% slower)."""
+    return 1
 
 
 # ---- in-kernel decodes (jnp on int32 bits: each lowers to Triton integer ops; also used on CPU by the tests) ----
