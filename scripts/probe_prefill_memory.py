@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--mesh", default="expert=1")
     ap.add_argument("--zeros", action="store_true")
     ap.add_argument("--cpu-devices", type=int, default=None)
+    ap.add_argument("--fp4-layout", default="checkpoint",
+                    help="comma list of checkpoint / kernel / kernel-unfused (params.to_kernel_layout)")
     a = ap.parse_args()
     if a.cpu_devices:
         jax.config.update("jax_num_cpu_devices", a.cpu_devices)
@@ -60,10 +62,11 @@ def main():
                                P.abstract_params(cfg, "native"), shard)
             toks = jax.ShapeDtypeStruct((B, S), jnp.int32,
                                         sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-            for ct in (int(v) for v in a.chunks.split(",")):
+            for layout, ct in ((lay, int(v)) for lay in a.fp4_layout.split(",") for v in a.chunks.split(",")):
+                pl = ap_ if layout == "checkpoint" else P.to_kernel_layout(ap_, fuse_gate_up=layout == "kernel")
                 t = time.time()
-                m = model._prefill.lower(cfg, ap_, toks, S + 1, True, ct).compile().memory_analysis()
-                print(f"{a.model} layers={L} mesh={a.mesh} {B}x{S} chunk={ct} zeros={a.zeros}: temp "
+                m = model._prefill.lower(cfg, pl, toks, S + 1, True, ct).compile().memory_analysis()
+                print(f"{a.model} layers={L} mesh={a.mesh} {B}x{S} chunk={ct} {layout}: temp "
                       f"{m.temp_size_in_bytes / 2**30:.2f} GiB, args {m.argument_size_in_bytes / 2**30:.2f} GiB "
                       f"(compile {time.time() - t:.0f} s)", flush=True)
 

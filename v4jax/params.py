@@ -336,9 +336,21 @@ def _fusable(a: jax.Array, axis: int) -> bool:
     return spec[axis] is None
 
 
-def _on_sharding_of(fn, like: jax.Array):
+def _apply(fn, like, *args):
+    """fn(*args) with its result on `like`'s sharding. Abstract arguments (jax.ShapeDtypeStruct, e.g.
+    `abstract_params` with shardings) give the abstract result, so a compile-only probe can plan the kernel layout."""
     sh = getattr(like, "sharding", None)
-    return jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
+    if isinstance(like, jax.ShapeDtypeStruct):
+        out = jax.eval_shape(fn, *args)
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sh)
+    f = jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
+    return jax.block_until_ready(f(*args))
+
+
+def _delete(*arrays):
+    for a in arrays:
+        if isinstance(a, jax.Array):
+            a.delete()
 
 
 def _relayout(params: dict, src, fn, donate: bool) -> dict:
@@ -348,9 +360,9 @@ def _relayout(params: dict, src, fn, donate: bool) -> dict:
     out = dict(flat)
     for name, w in flat.items():
         if name.endswith(".weight") and name[:-6] + "scale" in flat and w.dtype == src:
-            out[name] = jax.block_until_ready(_on_sharding_of(fn, w)(w))
+            out[name] = _apply(fn, w, w)
             if donate:
-                w.delete()
+                _delete(w)
     return unflatten(out)
 
 
@@ -370,12 +382,10 @@ def _fuse_gate_up(flat: dict, donate: bool) -> dict:
         if not all(_fusable(u, axis) for u, _ in pairs.values()):
             continue
         for leaf, (u, v) in pairs.items():
-            flat[f"{base}w13.{leaf}"] = jax.block_until_ready(
-                _on_sharding_of(lambda u, v: jnp.concatenate([u, v], axis=axis), u)(u, v))
+            flat[f"{base}w13.{leaf}"] = _apply(lambda u, v: jnp.concatenate([u, v], axis=axis), u, u, v)
             del flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]
             if donate:
-                u.delete()
-                v.delete()
+                _delete(u, v)
     return flat
 
 
@@ -388,10 +398,9 @@ def _split_gate_up(flat: dict, donate: bool) -> dict:
             j = flat.pop(f"{base}w13.{leaf}")
             F = j.shape[axis] // 2
             for k, lo in (("w1", 0), ("w3", F)):
-                flat[f"{base}{k}.{leaf}"] = jax.block_until_ready(_on_sharding_of(
-                    lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis), j)(j))
+                flat[f"{base}{k}.{leaf}"] = _apply(lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis), j, j)
             if donate:
-                j.delete()
+                _delete(j)
     return flat
 
 
@@ -404,7 +413,8 @@ def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = Tr
     either form (the reference paths unpack the halves, `moe.routed_sum` splits w13's output). Measured on an H100
     (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout` (or loading again) before
     `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made (needed when the experts
-    fill the devices: the input tree is unusable afterwards)."""
+    fill the devices: the input tree is unusable afterwards). Abstract params (jax.ShapeDtypeStruct leaves) give
+    the abstract kernel-layout tree (for compile-only probes)."""
     flat = flatten(_relayout(params, jnp.int8, quant.fp4_to_halves, donate))
     return unflatten(_fuse_gate_up(flat, donate) if fuse_gate_up else flat)
 
