@@ -212,6 +212,21 @@ def grouped_configs(K, quick, auto_split, mma_only=False):
             ((128, 64, False), (128, 64, True), (128, 128, True), (64, 64, False), (64, 128, True)),
             sorted({1, auto_split})):
         cfgs.append(dict(base, block_n=bn, block_k=bk, num_warps=4, w_lhs=lhs, split_k=sk, mma="fp8", **ex))
+    # the CUDA-core GEMV (mma="gemv", halves layout only): the automatic choice (x_fp8 at decode, gmg.use_gemv, with
+    # gmg.GEMV_DEFAULTS and its own split) and block_m x block_n x num_warps x split_k (at least 4 K steps per
+    # program), block_k 64 / 256 around the default; quick: block_n 64, 4 warps, splits 1, 2, 4
+    cfgs.append(dict(x_fp8=True, fp4_layout="halves"))
+    gemv = dict(fp4_layout="halves", mma="gemv", num_stages=1)
+    for bm, bn, nw, sk in itertools.product((1, 2), (64, 128), (4, 8), (1, 2, 4, 8)):
+        if (K // 128) % sk or K // 128 // sk < 4 or (quick and (bn != 64 or nw != 4 or sk == 8)):
+            continue
+        cfgs.append(dict(gemv, block_m=bm, block_n=bn, block_k=128, num_warps=nw, split_k=sk))
+    for bk, sk in itertools.product((64, 256), (1, 2, 4)):
+        if not quick and K % bk == 0 and (K // bk) % sk == 0 and K // bk // sk >= 4:
+            cfgs.append(dict(gemv, block_m=1, block_n=64, block_k=bk, num_warps=4, split_k=sk))
+    for sk in (1, 2):
+        if not quick and (K // 128) % sk == 0:
+            cfgs.append(dict(gemv, block_m=4, block_n=64, block_k=128, num_warps=4, split_k=sk))
     return cfgs
 
 
@@ -251,8 +266,9 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
             auto = gmg.decode_split_k(N, E, O, K, block_n=gmg.DECODE_DEFAULTS["fp4"][1],
                                       block_k=gmg.DECODE_DEFAULTS["fp4"][2], w_bytes=gmg.W_BYTES["fp4"]) \
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
-            cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves")] if model_only    # the model's calls
-                    else grouped_configs(K, quick, auto, mma_only))
+            cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves"),     # the model's calls (halves at
+                     dict(x_fp8=True, fp4_layout="halves", mma="fp8")] if model_only   # decode: the GEMV), the FP8
+                    else grouped_configs(K, quick, auto, mma_only))                     # dots as before (A/B)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
                 f"experts on average): {len(cfgs)} launches")
             for c in cfgs:

@@ -678,3 +678,117 @@ def test_dispatch_fp8_act_takes_fp8_mma():
     y60 = np.asarray(gm.grouped_matmul(raw60, node60, gs60, backend="gpu", fp8_act=True, launch=launch))
     np.testing.assert_array_equal(y60, call(raw60, node60, gs60, mma="bf16", **launch))
     assert np.any(y60 != call(raw60, node60, gs60, mma="fp8", **launch))
+
+
+# ---- CUDA-core GEMV decode launch (mma="gemv": FP4 halves layout, no dot, per-row fp32 accumulators) -------------
+
+def _pallas_names(f, *args):
+    """The pallas_call names in f's jaxpr (which launch ran)."""
+    import re
+    return set(re.findall(r"grouped_matmul_\w+", str(jax.make_jaxpr(f)(*args))))
+
+
+def test_gpu_kernel_fp4_gemv_matches_reference():
+    """mma="gemv" == the reference (ragged_dot on the dequantised weight) up to fp32 summation order: groups of 0
+    (first, middle, last), 1, 2, 3 and 5 rows (more rows than block_m: several row tiles of one group), rows past the
+    groups (x there is NaN: loaded into clamped tile rows, never stored; the output rows are exactly 0), O = 80 (two
+    O tiles of 64 / three of 32, the last partial), K = 256 (4 / 2 K steps), split_k 1, 2 and 4, block_m 1, 2, 4;
+    any bf16 x (the GEMV multiplies bf16 values exactly, no FP8 requirement)."""
+    sizes = [0, 1, 2, 0, 3, 5, 1, 0]
+    N, K, O = 16, 256, 80                                                  # 4 rows past the groups
+    x, node, gs = _inputs(N, K, O, sizes, seed=50, fmt="fp4")
+    tail = sum(sizes)
+    ref = _ref(x.at[tail:].set(0), node, gs)
+    x = x.at[tail:].set(jnp.nan)
+    wh = quant.fp4_to_halves(node["weight"])
+    for kw in (dict(), dict(block_m=2, block_n=32, block_k=64, split_k=2), dict(block_m=4, split_k=2),
+               dict(block_m=1, block_n=64, block_k=64, split_k=4), dict(block_m=2, block_n=128, block_k=256)):
+        out = gpu.grouped_matmul(x, wh, gs, node["scale"], mma="gemv", interpret=True, **kw)
+        _check(out, ref, sizes, N)
+    ob = gpu.grouped_matmul(x, wh, gs, node["scale"], mma="gemv", block_m=2, split_k=2, out_dtype=jnp.bfloat16,
+                            interpret=True)
+    assert ob.dtype == jnp.bfloat16
+    _check_bf16_ulp(np.asarray(ob, np.float32)[:tail], np.asarray(ref, np.float64)[:tail])
+    assert not np.asarray(ob, np.float32)[tail:].any()
+
+
+def test_gpu_kernel_fp4_gemv_every_nibble_and_scale():
+    """The in-kernel e2m1 decode (`_f32_of_e2m1`) and E8M0 scaling through the GEMV: a weight holding every byte
+    value (all 16 x 16 nibble pairs, low and high) with scale codes from 2^-125 to 2^121, x = the identity, so
+    out = w^T exactly (== dequantise, bit for bit)."""
+    K, O = 64, 256
+    byte = (np.arange(O * K // 2).reshape(1, O, K // 2) % 256).astype(np.uint8)
+    cl = np.array([2, 3, 60, 100, 120, 126, 127, 128, 134, 200, 247, 248], np.uint8)
+    codes = cl[np.arange(O * K // 32).reshape(1, O, K // 32) % len(cl)]
+    wh = jnp.asarray(byte)
+    s = jax.lax.bitcast_convert_type(jnp.asarray(codes), jnp.float8_e8m0fnu)
+    want = np.asarray(gm.dequantize(wh, s, jnp.float32))[0].T                  # [K, O]
+    assert np.abs(want).max() > 1e36 and 0 < np.abs(want[want != 0]).min() < 1e-37
+    out = gpu.grouped_matmul(jnp.eye(K, dtype=jnp.bfloat16), wh, jnp.asarray([K], jnp.int32), s, mma="gemv",
+                             block_m=4, block_n=128, block_k=64, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), want)
+    nib = jnp.arange(16, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(gpu._f32_of_e2m1(nib)),
+                                  [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    assert np.signbit(np.asarray(gpu._f32_of_e2m1(nib))[8])
+
+
+def test_gpu_kernel_fp4_gemv_automatic_choice(monkeypatch):
+    """x_fp8 + FP4 halves at decode with N <= GEMV_MAX_ROWS_PER_GROUP * E takes the GEMV (the pallas_call name),
+    through the dispatch too (fp8_act=True), with dx through the reference VJP; more rows, the int8 layout, no x_fp8
+    or GEMV_AUTO off (the default until measured; env V4JAX_GROUPED_GEMV=1 turns it on) keep the FP8-dot launch,
+    and mma="fp8" stays reachable."""
+    monkeypatch.setattr(gpu, "GEMV_AUTO", True)
+    sizes = [0, 2, 1, 0, 3, 0, 1, 1] + [0] * 8
+    N, K, O = 8, 256, 64
+    x, node, gs = _inputs(N, K, O, sizes, seed=51, fmt="fp4")
+    x = _fp8_x(N, K, seed=52)
+    wh, s = quant.fp4_to_halves(node["weight"]), node["scale"]
+    assert N <= gpu.GEMV_MAX_ROWS_PER_GROUP * len(sizes) and gpu.GEMV_AUTO
+    call = lambda w, **kw: (lambda x: gpu.grouped_matmul(x, w, gs, s, interpret=True, **kw))
+    assert any("gemv" in n for n in _pallas_names(call(wh, x_fp8=True), x))
+    for w, kw in ((wh, dict(x_fp8=True, mma="fp8")), (wh, {}), (node["weight"], dict(x_fp8=True))):
+        assert not any("gemv" in n for n in _pallas_names(call(w, **kw), x)), kw
+    y = np.asarray(gm.grouped_matmul(x, {"weight": wh, "scale": s}, gs, backend="gpu", fp8_act=True))
+    np.testing.assert_array_equal(y, np.asarray(call(wh, mma="gemv")(x)))
+    _check(y, _ref(x, node, gs), sizes, N)
+    ct = jnp.asarray(np.random.default_rng(53).standard_normal((N, O), np.float32))
+    dx = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, {"weight": wh, "scale": s}, gs, backend="gpu",
+                                                      fp8_act=True) * ct))(x)
+    dx_ref = jax.grad(lambda a: jnp.sum(gm.grouped_matmul(a, node, gs, backend="reference") * ct))(x)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-6, atol=1e-6)
+    # more rows than GEMV_MAX_ROWS_PER_GROUP * E (still decode): the FP8 dots
+    x24 = _fp8_x(24, K, seed=54)
+    g24 = jnp.asarray([3] * 8 + [0] * 8, jnp.int32)
+    names = _pallas_names(lambda a: gpu.grouped_matmul(a, wh, g24, s, x_fp8=True, interpret=True), x24)
+    assert names and not any("gemv" in n for n in names)
+    # the switch (GEMV_AUTO False: the default, V4JAX_GROUPED_GEMV unset); a shape not traced above (jit cache)
+    monkeypatch.setattr(gpu, "GEMV_AUTO", False)
+    assert not gpu.use_gemv(6, 16, halves=True, x_fp8=True, decode=True)
+    names = _pallas_names(lambda a: gpu.grouped_matmul(a, wh, gs, s, x_fp8=True, interpret=True), x[:7])
+    assert names and not any("gemv" in n for n in names)
+    monkeypatch.setattr(gpu, "GEMV_AUTO", True)
+    assert gpu.use_gemv(6, 16, halves=True, x_fp8=True, decode=True)
+    assert not gpu.use_gemv(6, 16, halves=False, x_fp8=True, decode=True)
+    assert not gpu.use_gemv(17, 16, halves=True, x_fp8=True, decode=True)
+    with pytest.raises(ValueError, match="mma='gemv' needs FP4 weights in the halves"):
+        gpu.grouped_matmul(x, node["weight"], gs, s, mma="gemv", interpret=True)
+
+
+def test_gpu_kernel_fp4_gemv_lowers_for_cuda():
+    """Pallas -> Triton lowering of the GEMV at the Flash w1+w3 shape (FP4 halves [256, 4096, 4096/2], E = 256):
+    its default launch at batch 1 and 32 (6 and 192 rows; block_m 1 / 2, the GEMV split), and a wide variant."""
+    E = 256
+    gs = jax.ShapeDtypeStruct((E,), jnp.int32)
+    wh = jax.ShapeDtypeStruct((E, 4096, 2048), jnp.uint8)
+    s = jax.ShapeDtypeStruct((E, 4096, 128), jnp.float8_e8m0fnu)
+    split6 = gpu.decode_split_k(6, E, 4096, 4096, block_n=gpu.GEMV_DEFAULTS[1], block_k=gpu.GEMV_DEFAULTS[2],
+                                waves=gpu.GEMV_WAVES, min_steps=gpu.GEMV_MIN_STEPS)
+    assert split6 > 1 and gpu.gemv_block_m(6, E) == 1 and gpu.gemv_block_m(192, E) == 2
+    for n, kw, name in [(6, {}, f"grouped_matmul_fp4_gemv_split{split6}"), (192, {}, "grouped_matmul_fp4_gemv\""),
+                        (6, dict(block_m=4, block_n=128, block_k=256, num_warps=8, split_k=4),
+                         "grouped_matmul_fp4_gemv_split4")]:
+        x = jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16)
+        mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, x_fp8=True,
+                                                                 **dict(kw, mma="gemv")), x, wh, gs, s)
+        assert "triton" in mlir and name in mlir, (n, kw)
