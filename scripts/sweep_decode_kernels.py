@@ -36,26 +36,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import grouped_matmul as gm  # noqa: E402
-from pallas_kernels import linear as klin  # noqa: E402
 from pallas_kernels.grouped_matmul import gpu as gmg  # noqa: E402
 from pallas_kernels.linear import gpu as klg  # noqa: E402
 from pallas_kernels.linear import reference as klref  # noqa: E402
-from v4jax import bench, layers, quant  # noqa: E402
+from v4jax import bench, quant  # noqa: E402
 
 REPS = 16
 SHRINK = 1
 CPU = jax.default_backend() == "cpu"
-
-
-def _per_call(fn, args_list):
-    def many(args_list):
-        acc = None
-        for a in args_list:
-            y = fn(*a).astype(jnp.float32).sum()
-            acc = y if acc is None else acc + y
-        return acc
-    f = jax.jit(many)
-    return bench.time_fn(f, [(args_list,)], min_samples=5, max_total_s=1.0) / len(args_list)
 
 
 def _rel(a, b):
@@ -125,8 +113,10 @@ def sweep_linear(log, bw, quick, rows=(1, 2, 4, 32), names=tuple(LINEAR_SHAPES),
         for M in rows:
             xs = [jax.random.normal(jax.random.fold_in(key, 50 + i), (M, K), jnp.bfloat16) for i in range(REPS)]
             ref = np.asarray(ref_fn(xs[0], ws[0], ss[0]), np.float64)
-            log(f"linear {name} [{O}, {K}] FP8, M = {M} ({'GEMV' if M <= klg.GEMV_ROWS else 'tensor cores'} by "
-                f"default; auto launch {klg.gemv_launch(M, O, K, 1) if M <= klg.GEMV_ROWS else klg.launch(M, O, K, 1)})")
+            gemv = M <= klg.GEMV_ROWS
+            auto = klg.gemv_launch(M, O, K, 1) if gemv else klg.launch(M, O, K, 1)
+            log(f"linear {name} [{O}, {K}] FP8, M = {M} ({'GEMV' if gemv else 'tensor cores'} by default; auto "
+                f"launch {auto})")
 
             def run(tag, fn):
                 def many(xs, ws, ss):

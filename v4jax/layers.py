@@ -10,7 +10,8 @@ Linears come in the reference's three precisions (spec section 6):
 At decode sizes (2 to `pallas_kernels.linear.MAX_ROWS` rows) on an NVIDIA GPU, all three run the skinny Pallas
 kernel `pallas_kernels.linear`: it reads each FP8/bf16 weight byte once and decodes it in registers, where XLA
 would write a dequantised copy of the weight first and then call cuBLAS (5 bytes moved per FP8 parameter instead of
-1). Same numerics (fp32 accumulation of exact products; fp32 inputs split exactly into three bf16 parts).
+1). Same numerics (fp32 accumulation of exact products; fp32 inputs split exactly into three bf16 parts). For 1-4
+rows `linear_fp8` makes one call that also quantises x to FP8 in registers (`fused_fp8_linear`).
 
 Above that range on an NVIDIA GPU, fp32 linears with a bf16 weight (`linear_f32`: head, MTP head, compressor,
 router -- all bf16 parameters, see params.py) run `split_matmul`: bf16 tensor-core GEMMs on exact bf16 parts of
@@ -91,21 +92,22 @@ def _linear_act(x: jax.Array, node: dict, dt) -> jax.Array:
     return quant.round_to(_linear(x, node, dt), dt)
 
 
+FUSED_DECODE_LINEAR = os.environ.get("V4JAX_DECODE_LINEAR") != "legacy"     # read at import; see fused_fp8_linear
+
+
 def fused_fp8_linear(x: jax.Array, node: dict) -> bool:
     """Whether `linear_fp8` runs as one skinny-kernel call that also does the activation FP8 simulation in
     registers (`pallas_kernels.linear.linear(x_fp8=True)`): an NVIDIA GPU, bf16 activations, the rows the kernel's
     CUDA-core GEMV path serves (1 to `gemv_rows()`), an FP8/bf16 weight with whole 128-input blocks. There one call
     replaces fp8_sim's two XLA kernels, the E8M0 decode kernel and the GEMV (for one row XLA's fused reduction).
     More rows keep fp8_sim in XLA: in the tensor-core path the in-kernel quantisation, repeated by every program,
-    made the 6-layer Flash decode at 32 rows slower (H100, docs/benchmarks.md session 7). V4JAX_DECODE_LINEAR=legacy restores
-    the session 6 routing (fp8_sim in XLA, one row to XLA, 2+ rows to the tensor-core kernel) for A/B runs."""
+    made the 6-layer Flash decode at 32 rows slower (H100, docs/benchmarks.md session 7).
+    V4JAX_DECODE_LINEAR=legacy restores the session 6 routing (fp8_sim in XLA, one row to XLA, 2+ rows to the
+    tensor-core kernel) for A/B runs."""
     rows = math.prod(x.shape[:-1])
     return (FUSED_DECODE_LINEAR and x.dtype == bf16 and 1 <= rows <= skinny.gemv_rows()
             and skinny.default_backend() == "gpu"
             and skinny.uses_kernel(rows, node["weight"], node.get("scale"), x_fp8=True))
-
-
-FUSED_DECODE_LINEAR = os.environ.get("V4JAX_DECODE_LINEAR") != "legacy"
 
 
 def linear_fp8(cfg: ModelConfig, node: dict, x: jax.Array) -> jax.Array:

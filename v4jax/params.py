@@ -398,7 +398,8 @@ def _split_gate_up(flat: dict, donate: bool) -> dict:
             j = flat.pop(f"{base}w13.{leaf}")
             F = j.shape[axis] // 2
             for k, lo in (("w1", 0), ("w3", F)):
-                flat[f"{base}{k}.{leaf}"] = _apply(lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis), j, j)
+                half = lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis)
+                flat[f"{base}{k}.{leaf}"] = _apply(half, j, j)
             if donate:
                 _delete(j)
     return flat
@@ -409,12 +410,12 @@ def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = Tr
     the checkpoint's packing) in the "halves" layout (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
     in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave), and each
     FFN's w1 and w3 (routed and shared experts) joined into one `w13` node (weight and scale along `out`: one
-    kernel for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart). Same bytes; every path of the model takes
-    either form (the reference paths unpack the halves, `moe.routed_sum` splits w13's output). Measured on an H100
-    (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout` (or loading again) before
-    `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made (needed when the experts
-    fill the devices: the input tree is unusable afterwards). Abstract params (jax.ShapeDtypeStruct leaves) give
-    the abstract kernel-layout tree (for compile-only probes)."""
+    kernel for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart).
+    Same bytes; every path of the model takes either form (the reference paths unpack the halves; the MoE splits
+    w13's output). Measured on an H100 (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout`
+    (or loading again) before `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made
+    (needed when the experts fill the devices: the input tree is unusable afterwards). Abstract params
+    (jax.ShapeDtypeStruct leaves) give the abstract kernel-layout tree (for compile-only probes)."""
     flat = flatten(_relayout(params, jnp.int8, quant.fp4_to_halves, donate))
     return unflatten(_fuse_gate_up(flat, donate) if fuse_gate_up else flat)
 
