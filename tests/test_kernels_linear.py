@@ -388,7 +388,7 @@ def test_launch_heuristic():
         if O * K >= 132 * 2 * 8192 and steps // gpu.GEMV_MIN_STEPS * (O // bn) >= 264:
             assert (O // bn) * splits >= 264, (rows, O, K, bn, splits)       # 2 programs per SM where that
         assert splits == 1 or steps // splits >= gpu.GEMV_MIN_STEPS           # leaves GEMV_MIN_STEPS each
-        assert (K // bk // splits) % gpu.gemv_unroll(K // bk // splits) == 0
+        assert (K // bk // splits) % gpu.GEMV_UNROLL == 0
     assert gpu.gemv_launch(1, 1024, 4096)[2] == 8 and gpu.gemv_launch(1, 4096, 8192)[2] == 8   # the sweep's best
 
 

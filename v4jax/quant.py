@@ -128,7 +128,12 @@ def _untile(t, out, inp):
 
 def e8m0_to_f32(scale):
     """Decode an E8M0 array (code e -> 2**(e-127), 255 -> NaN) to float32 via its bits."""
-    e = _e8m0_codes(scale)
+    return e8m0_codes_to_f32(_e8m0_codes(scale))
+
+
+def e8m0_codes_to_f32(e):
+    """E8M0 codes (int32 0..255) -> float32 2**(e-127) from its bits: e << 23, code 0 -> 2**-127 (subnormal), 255 ->
+    NaN. Integer ops only, so Pallas kernels decode raw scale bytes with it too (pallas_kernels.linear)."""
     bits = jnp.where(e == 255, _F32_NAN_BITS, jnp.where(e == 0, _F32_2POW_M127_BITS, e << 23))
     return lax.bitcast_convert_type(bits.astype(jnp.int32), jnp.float32)
 

@@ -294,17 +294,31 @@ def _e4m3_of_nibbles(b, asm: bool):
     return _f8_of_nibble(b & 15), _f8_of_nibble((b >> 4) & 15)
 
 
+def _e8m0_pow2(codes):
+    """E8M0 codes (int32) -> 2^(code - 127) in fp32 from the bits code << 23 (code 0 -> 0, 255 -> inf)."""
+    return jax.lax.bitcast_convert_type(codes << 23, f32)
+
+
 def _fp4_scale(codes):
-    """E8M0 codes (int32) -> 64 * 2^(code - 127) in fp32: the scale of the e4m3 bytes of value / 64 (code 0 -> 0,
-    255 -> inf)."""
-    return jax.lax.bitcast_convert_type(codes << 23, f32) * 64.0
+    """E8M0 codes (int32) -> 64 * 2^(code - 127) in fp32: the scale of the e4m3 bytes of value / 64."""
+    return _e8m0_pow2(codes) * 64.0
 
 
 TILE_DECODES = ("e4m3", "bits", "bits_exp")   # fp4_decode_tile's (the int8 layout's bf16 dots)
 FP4_DECODES = TILE_DECODES + ("asm",)         # "asm": the FP8-dot path and the halves layout
 FP4_PARITIES = (False, True, "split", "strided", "permuted")
 _F32_BITS_2M7 = 0x3C000000       # fp32 bits of 2^-7 = e2m1 0.5 / 64
+_F32_BITS_HALF = 0x3F000000      # fp32 bits of 0.5 (e2m1 code 1)
 _F32_SIGN = -(1 << 31)           # int32 0x80000000
+
+
+def _e2m1_f32(v, sign, half_bits):
+    """fp32 of an e2m1 value from its 3 magnitude bits v (int32 0..7) and sign (int32, bit 31), times the power of
+    two whose fp32 bits `half_bits` are those of 0.5 times it: v >= 2 is 2^(e-1) (1 + m/2), exponent field one above
+    0.5's times 2^(e-1) and mantissa top bit m, i.e. the bits (v << 22) + half_bits; v == 1 is 0.5 (half_bits) and
+    v == 0 zero (v * half_bits; the product, which wraps for v > 1, is not selected there). Exact, keeps -0."""
+    mag = jnp.where(v > 1, (v << 22) + half_bits, v * half_bits)
+    return jax.lax.bitcast_convert_type(mag | sign, f32)
 
 
 def _f32_of_nibble_bits(b, high):
@@ -312,13 +326,8 @@ def _f32_of_nibble_bits(b, high):
     nibble's e2m1 value, its bit pattern built with integer ops (exact, equal to `_f8_of_nibble`'s upcast bit for
     bit, signed zero included)."""
     if high:
-        v, sign = (b >> 4) & 7, b & _F32_SIGN            # sign-extended byte: bit 31 = bit 7 = the high sign
-    else:
-        v, sign = b & 7, (b << 28) & _F32_SIGN
-    # v >= 2: 2^(e-1) (1 + m/2) / 64 has exponent field e + 120 and mantissa top bit m: (v << 22) + bits(2^-7);
-    # v in {0, 1}: 0 or 0.5 / 64 = 2^-7, i.e. v * bits(2^-7) (the product wraps for v > 1: not selected)
-    mag = jnp.where(v > 1, (v << 22) + _F32_BITS_2M7, v * _F32_BITS_2M7)
-    return jax.lax.bitcast_convert_type(mag | sign, f32)
+        return _e2m1_f32((b >> 4) & 7, b & _F32_SIGN, _F32_BITS_2M7)   # sign-extended: bit 31 = the high sign
+    return _e2m1_f32(b & 7, (b << 28) & _F32_SIGN, _F32_BITS_2M7)
 
 
 def fp4_decode_tile(b, codes, decode="e4m3"):
@@ -498,17 +507,10 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         pltriton.store(o_at, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
 
-_F32_BITS_HALF = 0x3F000000      # fp32 bits of 0.5 (e2m1 code 1)
-
-
 def _f32_of_e2m1(nib):
-    """e2m1 nibbles (int32 0..15) -> their fp32 values (exact, -0.0 for nibble 8), with integer ops: v = the 3
-    magnitude bits (e1 e0 m); v >= 2 is 2^(e-1) (1 + m/2), exponent field e + 126 and mantissa top bit m, i.e. the
-    bits (v << 22) + bits(0.5); v == 1 is 0.5, v == 0 zero (v * bits(0.5), the product not selected for v > 1);
-    the sign is bit 3 moved to bit 31."""
-    v = nib & 7
-    mag = jnp.where(v > 1, (v << 22) + _F32_BITS_HALF, v * _F32_BITS_HALF)
-    return jax.lax.bitcast_convert_type(mag | ((nib & 8) << 28), f32)
+    """e2m1 nibbles (int32 0..15) -> their fp32 values (exact, -0.0 for nibble 8): `_e2m1_f32` with the sign bit 3
+    moved to bit 31."""
+    return _e2m1_f32(nib & 7, (nib & 8) << 28, _F32_BITS_HALF)
 
 
 def _gemv_kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, E, N, K, O, bm, bn, bk, split_k):
@@ -542,8 +544,7 @@ def _gemv_kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, E, N, K, O, bm, bn, bk
                 b = w_ref[g, wc, (kh // 2 + c32)[None, :]].astype(jnp.int32)     # [bn, 32] bytes (uint8)
                 lo, hi = _f32_of_e2m1(b & 15), _f32_of_e2m1((b >> 4) & 15)       # inputs kh + i, kh + 32 + i
                 cb = kh // 32
-                s_lo = jax.lax.bitcast_convert_type(s_ref[g, wcol, cb].astype(jnp.int32) << 23, f32)       # [bn]
-                s_hi = jax.lax.bitcast_convert_type(s_ref[g, wcol, cb + 1].astype(jnp.int32) << 23, f32)
+                s_lo, s_hi = (_e8m0_pow2(s_ref[g, wcol, c].astype(jnp.int32)) for c in (cb, cb + 1))  # [bn]
                 for r in range(bm):
                     x_lo = x_ref[xrows[r], kh + c32].astype(f32)                 # [32] bf16 -> fp32, exact
                     x_hi = x_ref[xrows[r], kh + 32 + c32].astype(f32)

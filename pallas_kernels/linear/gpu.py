@@ -27,8 +27,9 @@ atomics. Every weight byte is loaded exactly once.
     block_k multiplies instead of block_n * block_k) and accumulated in fp32: gemv_acc="step" reduces the product
     over k every step into acc [block_n] per row (registers independent of block_k; a few warp shuffles per step),
     "tile" keeps acc [block_n, block_k] per row (plain FMAs, one reduction at the end; R * block_n * block_k / threads
-    accumulator registers). `gemv_unroll` steps are loaded before any is used (more weight bytes in flight per warp:
-    Triton's software pipeliner does not stage loads that feed no dot). `gemv_launch` gives its defaults.
+    accumulator registers). `unroll` steps (default GEMV_UNROLL) are loaded before any is used (more weight bytes in
+    flight per warp: Triton's software pipeliner does not stage loads that feed no dot). `gemv_launch` gives its
+    defaults.
 
 Numerics. bf16 x: fp32 accumulation of exact bf16 x bf16 products (the reference's graph up to summation order).
 In the GEMV path a product is (x * scale) * w8 with x bf16 (8 significant bits), w8 e4m3 (4), scale a power of two:
@@ -72,14 +73,14 @@ GEMV_ACCS = ("step", "tile")      # the CUDA-core path's accumulators (module do
 GEMV_ACC = "step"                 # its default: registers independent of block_k and of the row count's growth
 FP8_BLOCK = 128                   # x_fp8: the activation quantisation block (quant.fp8_sim(x, 128))
 
+GEMV_UNROLL = 1                   # GEMV steps loaded per loop iteration by default (the sweep: 2 was 5-17% slower)
+
 # fp32 bit patterns used by the in-kernel decodes (int32)
-_F32_NAN = 0x7FC00000
-_F32_2POW_M127 = 0x00400000       # 2^-127, an fp32 subnormal (E8M0 code 0)
+_F32_2POW_M127 = 0x00400000       # 2^-127, an fp32 subnormal
 _F32_ABS = 0x7FFFFFFF
 _F32_SIGN = -(1 << 31)            # 0x80000000
 _F32_2POW_M6 = 121 << 23          # 2^-6: the smallest normal E4M3 magnitude
 _E4M3_DROP = -(1 << 20)           # 0xFFF00000: keep sign, exponent and 3 mantissa bits
-_F32_AMAX_FLOOR = int(np.float32(1e-4).view(np.int32))   # quant.FP8_AMAX_FLOOR
 
 
 def _pow2_at_least(n: int) -> int:
@@ -170,17 +171,12 @@ def gemv_launch(rows: int, O: int, K: int, w_bytes: int = 1, sms: int = 132):
     return bn, bk, splits, 4, 1
 
 
-def gemv_unroll(steps: int) -> int:
-    """Default steps loaded per loop iteration of the CUDA-core path: 1 (the sweep: 2 was 5-17% slower)."""
-    return 1
-
-
 # ---- in-kernel decodes (jnp on int32 bits: each lowers to Triton integer ops; also used on CPU by the tests) ----
 def e8m0_decode(code: jax.Array) -> jax.Array:
-    """E8M0 codes (int32 0..255, e.g. a uint8 scale byte widened) -> fp32 2^(code - 127) from its bits: code << 23,
-    with code 0 -> 2^-127 (an fp32 subnormal) and 255 -> NaN -- `quant.e8m0_to_f32` bit for bit."""
-    bits = jnp.where(code == 255, _F32_NAN, jnp.where(code == 0, _F32_2POW_M127, code << 23))
-    return jax.lax.bitcast_convert_type(bits.astype(i32), f32)
+    """E8M0 codes (int32 0..255, e.g. a uint8 scale byte widened) -> fp32 2^(code - 127), `quant.e8m0_to_f32` bit for
+    bit (code 0 -> 2^-127, 255 -> NaN): `quant.e8m0_codes_to_f32`, integer ops that lower to Triton."""
+    from v4jax.quant import e8m0_codes_to_f32          # lazy: v4jax imports pallas_kernels
+    return e8m0_codes_to_f32(code)
 
 
 def rne_e4m3(v: jax.Array) -> jax.Array:
@@ -211,13 +207,13 @@ def fp8_sim_block(x: jax.Array) -> jax.Array:
     x / s computed as x * 2^-e (exact where the quotient is an fp32 normal; where not, both round to +-0); value q*s,
     exact (4 significant bits) in bf16. Finite x only: a block holding inf/NaN gives non-finite or meaningless
     values (under Triton the clip is NaN-ignoring), as fp8_sim's are non-finite, but not bit for bit."""
+    from v4jax.quant import FP8_AMAX_FLOOR, FP8_MAX, _ceil_log2, _exp2i      # lazy: v4jax imports pallas_kernels
     x = x.astype(f32)
     bits = jax.lax.bitcast_convert_type(x, i32)
-    amax = jnp.maximum(jnp.max(bits & _F32_ABS, axis=-1, keepdims=True), _F32_AMAX_FLOOR)
-    v = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(amax, f32) * f32(1.0 / 448.0), i32)
-    e = ((v >> 23) & 0xFF) - 127 + jnp.where((v & 0x7FFFFF) != 0, 1, 0)
-    e = jnp.clip(e, -126, 127)
-    s = jax.lax.bitcast_convert_type((e + 127) << 23, f32)
+    floor = int(np.float32(FP8_AMAX_FLOOR).view(np.int32))
+    amax = jnp.maximum(jnp.max(bits & _F32_ABS, axis=-1, keepdims=True), floor)
+    e = jnp.clip(_ceil_log2(jax.lax.bitcast_convert_type(amax, f32) * f32(1.0 / FP8_MAX)), -126, 127)
+    s = _exp2i(e)
     inv = jax.lax.bitcast_convert_type(jnp.where(e == 127, _F32_2POW_M127, (127 - e) << 23), f32)
     return rne_e4m3(jnp.clip(x * inv, -448.0, 448.0)) * s
 
@@ -322,7 +318,7 @@ def linear(x, w, scale=None, *, out_dtype=f32, x_fp8: bool = False, gemv: bool |
     Launch parameters left None take `gemv_launch` / `launch` defaults; block_n and block_k must be powers of two
     dividing 128 and O, K respectively; splits must divide K / block_k. w_lhs (tensor cores): compute
     acc^T = w_tile . x_tile^T. gemv_acc (GEMV): "step" or "tile" (module docstring); unroll (GEMV): steps loaded
-    per loop iteration, dividing the program's K / block_k / splits steps (default `gemv_unroll`).
+    per loop iteration, dividing the program's K / block_k / splits steps (default GEMV_UNROLL).
     scale_in_kernel: the E8M0 bytes go to the kernel and are decoded there (default); False decodes them with an
     XLA kernel first (`quant.e8m0_to_f32`, the former behaviour, kept for comparisons).
     """
@@ -367,7 +363,7 @@ def linear(x, w, scale=None, *, out_dtype=f32, x_fp8: bool = False, gemv: bool |
             from v4jax.quant import e8m0_to_f32
             args.append(e8m0_to_f32(scale))
     if use_gemv:
-        un = unroll or gemv_unroll(steps)
+        un = unroll or GEMV_UNROLL
         if steps % un:
             raise ValueError(f"linear(gpu): unroll={un} does not divide the {steps} steps per program")
         kernel = functools.partial(_gemv_kernel, M=R, bn=bn, bk=bk, steps=steps, unroll=un, acc_mode=gemv_acc,
