@@ -134,10 +134,17 @@ def test_kernel_layout_params(tmp_path):
     changed = sorted(k for k in kflat if k in flat and kflat[k].dtype != flat[k].dtype)
     assert changed and all(k.endswith(".ffn.experts.w2.weight") for k in changed)
     assert all(kflat[k].dtype == jnp.uint8 for k in changed)
-    assert all(kflat[k] is flat[k] for k in kflat if k in flat and k not in changed)
+    same = [k for k in kflat if k in flat and k not in changed]       # outside the FFN nodes: the same arrays;
+    assert all(kflat[k] is flat[k] for k in same if ".ffn.experts." not in k and ".shared_experts." not in k)
+    assert all(np.array_equal(np.asarray(kflat[k]), np.asarray(flat[k])) for k in same)   # inside: copies
     back = P.flatten(P.to_checkpoint_layout(kp))
     assert back.keys() == flat.keys()
     assert all(np.array_equal(np.asarray(back[k]), np.asarray(flat[k])) for k in changed + gone)
+    kp2 = P.flatten(P.to_kernel_layout(P.unflatten(back), donate=True))   # donate: every old FFN leaf is freed
+    ffn = [k for k in back if ".experts." in k or ".shared_experts." in k]
+    assert ffn and all(back[k].is_deleted() for k in ffn)
+    assert not any(back[k].is_deleted() for k in back if k not in ffn)
+    assert kp2.keys() == kflat.keys() and all(np.array_equal(np.asarray(kp2[k]), np.asarray(kflat[k])) for k in kflat)
     toks = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     np.testing.assert_array_equal(np.asarray(v4jax.forward(cfg, kp, toks)), np.asarray(v4jax.forward(cfg, params, toks)))
     with pytest.raises(C.CheckpointError, match="to_checkpoint_layout"):

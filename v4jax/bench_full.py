@@ -200,6 +200,22 @@ def device_memory() -> list[float]:
     return out
 
 
+def memory_report() -> str:
+    """Per device: in use / largest free block / limit (GiB), the allocator's own numbers; '' off the GPU. The
+    largest free block is what one big buffer (a prefill's temp) can get: fragmentation shows as a gap between it
+    and limit - in use."""
+    import jax
+    parts = []
+    for d in jax.local_devices():
+        try:
+            m = d.memory_stats()
+            parts.append(f"{m['bytes_in_use'] / 2**30:.1f}/{m.get('largest_free_block_bytes', float('nan')) / 2**30:.1f}"
+                         f"/{m['bytes_limit'] / 2**30:.1f}")
+        except Exception:  # noqa: BLE001 - CPU devices have no stats
+            return ""
+    return "memory in use / largest free block / limit GiB: " + ", ".join(parts)
+
+
 # ---- main --------------------------------------------------------------------------------------------
 def run(args) -> int:
     if args.cpu_devices:
@@ -251,6 +267,8 @@ def run(args) -> int:
             f"{held / 1e9:.1f} GB (non-expert weights replicated on each device; FP4 experts in the "
             f"{args.fp4_layout} layout); in use per device (GiB): "
             + ", ".join(f"{m:.1f}" for m in mem))
+        if memory_report():
+            log(memory_report())
         kv_tok = attention.cache_bytes_per_token(cfg)
         kv_tok_bf16 = attention.cache_bytes_per_token(cfg, "bf16")
         res.update(kv_bytes_per_token=kv_tok, kv_bytes_per_token_bf16=kv_tok_bf16)
@@ -331,6 +349,8 @@ def run(args) -> int:
                 err = None
             except Exception as e:  # noqa: BLE001
                 dt, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                if memory_report():
+                    log(memory_report())
             row = {"batch": B, "seq": S, "micro_batch": mb, "calls": calls, "seconds": dt, "error": err,
                    "tokens_per_s": (B * S / dt) if dt else None, "memory_GiB": device_memory()}
             res["prefill"].append(row)

@@ -336,73 +336,103 @@ def _fusable(a: jax.Array, axis: int) -> bool:
     return spec[axis] is None
 
 
-def _apply(fn, like, *args):
-    """fn(*args) with its result on `like`'s sharding. Abstract arguments (jax.ShapeDtypeStruct, e.g.
-    `abstract_params` with shardings) give the abstract result, so a compile-only probe can plan the kernel layout."""
-    sh = getattr(like, "sharding", None)
-    if isinstance(like, jax.ShapeDtypeStruct):
-        out = jax.eval_shape(fn, *args)
-        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sh)
-    f = jax.jit(fn, out_shardings=sh) if isinstance(sh, jax.sharding.NamedSharding) else jax.jit(fn)
-    return jax.block_until_ready(f(*args))
-
-
 def _delete(*arrays):
     for a in arrays:
         if isinstance(a, jax.Array):
             a.delete()
 
 
-def _relayout(params: dict, src, fn, donate: bool) -> dict:
-    """params with every FP4 weight leaf (dtype `src`, beside a ".scale") replaced by fn(leaf), on its sharding;
-    donate: delete each old leaf once its new one exists (peak memory: one leaf above the weights)."""
-    flat = flatten(params)
-    out = dict(flat)
-    for name, w in flat.items():
-        if name.endswith(".weight") and name[:-6] + "scale" in flat and w.dtype == src:
-            out[name] = _apply(fn, w, w)
-            if donate:
-                _delete(w)
-    return unflatten(out)
-
-
 _GATE_UP = {".experts.": 1, ".shared_experts.": 0}      # FFN node -> its `out` axis (stacked experts: 1)
+_FFN_LEAVES = tuple(f"{w}.{leaf}" for w in ("w1", "w2", "w3", "w13") for leaf in ("weight", "scale"))
 
 
-def _fuse_gate_up(flat: dict, donate: bool) -> dict:
-    """Each FFN's w1 and w3 (the same input x) joined along `out` into one `w13` node (rows 0..F-1 w1's, F..2F-1
-    w3's; weight and scale alike: F is a multiple of the 128-row FP8 scale block), so the routed experts run one
-    grouped matmul and the shared expert one linear for both."""
-    for name in [n for n in flat if n.endswith("w1.weight")]:
-        base = name[: -len("w1.weight")]
-        axis = next((ax for key, ax in _GATE_UP.items() if base.endswith(key)), None)
-        if axis is None or f"{base}w1.scale" not in flat:           # quantised weights (a scale beside)
+def _ffn_nodes(flat: dict) -> dict[str, dict[str, jax.Array]]:
+    """The quantised FFN nodes of a flat tree: prefix (e.g. "layers.3.ffn.experts.") -> {"w1.weight": .., ...}."""
+    nodes: dict[str, dict] = {}
+    for name in flat:
+        for leaf in _FFN_LEAVES:
+            if name.endswith("." + leaf) and name[: -len(leaf)].endswith(tuple(_GATE_UP)):
+                nodes.setdefault(name[: -len(leaf)], {})[leaf] = flat[name]
+    return {base: n for base, n in nodes.items() if any(k.endswith(".scale") for k in n)}
+
+
+def _convert_nodes(params: dict, node_fn, donate: bool) -> dict:
+    """params with each quantised FFN node's leaves replaced by node_fn(base, leaves) -> (fn, like) or None: fn maps
+    the node's {leaf: array} to its new {leaf: array} (pure jnp, run as ONE jit per node) and like[new leaf] names
+    the old leaf whose sharding it takes. donate: the node's old leaves are deleted once its new ones exist -- all
+    of them; fn returns copies of what it keeps -- so each node frees one contiguous run of device memory that the
+    next node's new leaves (the same sizes) fill. Converting leaf by leaf instead left two holes per layer that the
+    joined w13 (twice their size) could not use: ~46 GiB of scattered holes per H200 on full Flash, and the
+    prefill's one 17 GiB temp buffer found no room (session 7). Peak: one node above the weights. Abstract leaves
+    (jax.ShapeDtypeStruct) give the abstract result."""
+    flat = flatten(params)
+    for base, leaves in _ffn_nodes(flat).items():
+        plan = node_fn(base, leaves)
+        if plan is None:
             continue
-        pairs = {leaf: (flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]) for leaf in ("weight", "scale")}
-        if not all(_fusable(u, axis) for u, _ in pairs.values()):
-            continue
-        for leaf, (u, v) in pairs.items():
-            flat[f"{base}w13.{leaf}"] = _apply(lambda u, v: jnp.concatenate([u, v], axis=axis), u, u, v)
-            del flat[f"{base}w1.{leaf}"], flat[f"{base}w3.{leaf}"]
-            if donate:
-                _delete(u, v)
-    return flat
+        fn, like = plan
+        shardings = {k: getattr(leaves[src], "sharding", None) for k, src in like.items()}
+        if any(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values()):
+            new = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k])
+                   for k, a in jax.eval_shape(fn, leaves).items()}
+        else:
+            named = all(isinstance(v, jax.sharding.NamedSharding) for v in shardings.values())
+            new = jax.block_until_ready(jax.jit(fn, out_shardings=shardings if named else None)(leaves))
+        for k in leaves:
+            del flat[base + k]
+        flat.update({base + k: v for k, v in new.items()})
+        if donate:
+            _delete(*(v for v in leaves.values() if all(v is not u for u in new.values())))
+    return unflatten(flat)
 
 
-def _split_gate_up(flat: dict, donate: bool) -> dict:
-    """Inverse of `_fuse_gate_up`."""
-    for name in [n for n in flat if n.endswith("w13.weight")]:
-        base = name[: -len("w13.weight")]
-        axis = next(ax for key, ax in _GATE_UP.items() if base.endswith(key))
-        for leaf in ("weight", "scale"):
-            j = flat.pop(f"{base}w13.{leaf}")
-            F = j.shape[axis] // 2
-            for k, lo in (("w1", 0), ("w3", F)):
-                half = lambda u, lo=lo: jax.lax.slice_in_dim(u, lo, lo + F, axis=axis)
-                flat[f"{base}{k}.{leaf}"] = _apply(half, j, j)
-            if donate:
-                _delete(j)
-    return flat
+def _gate_up_axis(base: str) -> int:
+    return next(ax for key, ax in _GATE_UP.items() if base.endswith(key))
+
+
+def _to_kernel_node(fuse_gate_up: bool):
+    def plan(base, lv):
+        axis = _gate_up_axis(base)
+        fp4 = {k for k, v in lv.items() if k.endswith(".weight") and v.dtype == jnp.int8 and
+               f"{k[:-7]}.scale" in lv}
+        fuse = fuse_gate_up and {"w1.weight", "w1.scale", "w3.weight", "w3.scale"} <= set(lv) and all(
+            _fusable(lv[f"w1.{leaf}"], axis) for leaf in ("weight", "scale"))
+        if not fp4 and not fuse:
+            return None
+
+        def fn(lv):
+            out = {k: quant.fp4_to_halves(v) if k in fp4 else jnp.copy(v) for k, v in lv.items()}
+            if fuse:                                                 # F: a multiple of the 128-row scale block
+                for leaf in ("weight", "scale"):
+                    out[f"w13.{leaf}"] = jnp.concatenate([out.pop(f"w1.{leaf}"), out.pop(f"w3.{leaf}")], axis)
+            return out
+        like = {k: k for k in lv}
+        if fuse:
+            like = {("w13" + k[2:] if k[:2] in ("w1", "w3") else k): (k.replace("w3", "w1")) for k in lv}
+        return fn, like
+    return plan
+
+
+def _to_checkpoint_node(base, lv):
+    axis = _gate_up_axis(base)
+    if "w13.weight" not in lv and not any(v.dtype == jnp.uint8 for v in lv.values()):
+        return None
+
+    def fn(lv):
+        out = {}
+        for k, v in lv.items():
+            if k.startswith("w13."):
+                F = v.shape[axis] // 2
+                out["w1" + k[3:]] = jax.lax.slice_in_dim(v, 0, F, axis=axis)
+                out["w3" + k[3:]] = jax.lax.slice_in_dim(v, F, 2 * F, axis=axis)
+            else:
+                out[k] = jnp.copy(v)
+        return {k: quant.fp4_from_halves(v) if v.dtype == jnp.uint8 else v for k, v in out.items()}
+    like = {}
+    for k in lv:
+        for n in ((("w1" + k[3:]), ("w3" + k[3:])) if k.startswith("w13.") else (k,)):
+            like[n] = k
+    return fn, like
 
 
 def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = True) -> dict:
@@ -413,17 +443,16 @@ def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = Tr
     kernel for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart).
     Same bytes; every path of the model takes either form (the reference paths unpack the halves; the MoE splits
     w13's output). Measured on an H100 (docs/benchmarks.md). Serving on NVIDIA GPUs only; `to_checkpoint_layout`
-    (or loading again) before `v4jax.save`. donate: delete the input's FP4 arrays as their replacements are made
-    (needed when the experts fill the devices: the input tree is unusable afterwards). Abstract params
-    (jax.ShapeDtypeStruct leaves) give the abstract kernel-layout tree (for compile-only probes)."""
-    flat = flatten(_relayout(params, jnp.int8, quant.fp4_to_halves, donate))
-    return unflatten(_fuse_gate_up(flat, donate) if fuse_gate_up else flat)
+    (or loading again) before `v4jax.save`. donate: delete the input's FFN arrays as their replacements are made,
+    node by node (needed when the experts fill the devices: the input tree is unusable afterwards; the memory
+    stays contiguous, see `_convert_nodes`). Abstract params (jax.ShapeDtypeStruct leaves) give the abstract
+    kernel-layout tree (for compile-only probes)."""
+    return _convert_nodes(params, _to_kernel_node(fuse_gate_up), donate)
 
 
 def to_checkpoint_layout(params: dict, donate: bool = False) -> dict:
     """Inverse of `to_kernel_layout`: w13 split back into w1 and w3, FP4 weights in the checkpoint's packing."""
-    flat = _split_gate_up(flatten(params), donate)
-    return _relayout(unflatten(flat), jnp.uint8, quant.fp4_from_halves, donate)
+    return _convert_nodes(params, _to_checkpoint_node, donate)
 
 
 def dequantize_leaf(storage: str, w: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
