@@ -202,41 +202,14 @@ def grouped_configs(K, quick, auto_split, mma_only=False):
             ((128, 64, False), (128, 64, True), (128, 128, True), (64, 64, False), (64, 128, True)),
             sorted({1, auto_split})):
         cfgs.append(dict(base, block_n=bn, block_k=bk, num_warps=4, w_lhs=lhs, split_k=sk, mma="fp8", **ex))
-    # the CUDA-core GEMV (mma="gemv", halves layout only): the automatic choice (x_fp8 at decode, gmg.use_gemv, with
-    # gmg.GEMV_DEFAULTS and its own split) and block_m x block_n x num_warps x split_k (at least 4 K steps per
-    # program), block_k 64 / 256 around the default; quick: block_n 64, 4 warps, splits 1, 2, 4
-    cfgs.append(dict(x_fp8=True, fp4_layout="halves"))
-    gemv = dict(fp4_layout="halves", mma="gemv", num_stages=1)
-    for bm, bn, nw, sk in itertools.product((1, 2), (64, 128), (4, 8), (1, 2, 4, 8)):
-        if (K // 128) % sk or K // 128 // sk < 4 or (quick and (bn != 64 or nw != 4 or sk == 8)):
-            continue
-        cfgs.append(dict(gemv, block_m=bm, block_n=bn, block_k=128, num_warps=nw, split_k=sk))
-    for bk, sk in itertools.product((64, 256), (1, 2, 4)):
-        if not quick and K % bk == 0 and (K // bk) % sk == 0 and K // bk // sk >= 4:
-            cfgs.append(dict(gemv, block_m=1, block_n=64, block_k=bk, num_warps=4, split_k=sk))
-    for sk in (1, 2):
-        if not quick and (K // 128) % sk == 0:
-            cfgs.append(dict(gemv, block_m=4, block_n=64, block_k=128, num_warps=4, split_k=sk))
     return cfgs
 
 
 GROUPED_SHAPES = {"w1": (2048, 4096), "w2": (4096, 2048), "w13": (4096, 4096)}     # w13: w1 and w3 joined
 
 
-def gemv_configs(K):
-    """The GEMV A/B: the model's calls (int8 layout, halves with the FP8 dots, halves with the GEMV's automatic
-    launch) and the GEMV grid block_m x block_n x num_warps x split_k (>= 4 K steps per program)."""
-    cfgs = [dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves", mma="fp8"),
-            dict(x_fp8=True, fp4_layout="halves", mma="gemv")]
-    for bm, bn, nw, sk in itertools.product((1, 2), (64, 128), (4, 8), (1, 2, 4, 8)):
-        if (K // 128) % sk == 0 and K // 128 // sk >= 4 and not (bn == 128 and nw == 4):
-            cfgs.append(dict(x_fp8=True, fp4_layout="halves", mma="gemv", num_stages=1, block_m=bm, block_n=bn,
-                             block_k=128, num_warps=nw, split_k=sk))
-    return cfgs
-
-
 def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=False, names=("w1", "w2"),
-                  model_only=False, gemv_only=False):
+                  model_only=False):
     """FP4 experts at decode. Setup kept short for the GPU: each weight [E, O, K] is generated and quantised once
     (on the device) and passed to every variant as a jit ARGUMENT (not a closed-over constant); one jit per variant
     runs the kernel on REPS distinct routings (the same kernel, compiled once) and returns the first output for the
@@ -270,7 +243,6 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
             cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves"),     # the model's calls (halves at
                      dict(x_fp8=True, fp4_layout="halves", mma="fp8")] if model_only   # decode: the GEMV), the FP8
-                    else gemv_configs(K) if gemv_only
                     else grouped_configs(K, quick, auto, mma_only))                     # dots as before (A/B)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
                 f"experts on average): {len(cfgs)} launches")
@@ -317,8 +289,6 @@ def main(argv=None) -> int:
     ap.add_argument("--grouped-shapes", default="w1,w2", help=f"grouped: of {','.join(GROUPED_SHAPES)}")
     ap.add_argument("--grouped-model", action="store_true",
                     help="grouped: only the model's calls (x_fp8, both FP4 layouts, automatic launch)")
-    ap.add_argument("--gemv", action="store_true",
-                    help="grouped: the model's calls against the CUDA-core GEMV (mma='gemv') and its launch grid")
     ap.add_argument("--linear-shapes", default=",".join(LINEAR_SHAPES),
                     help=f"linear: weights among {','.join(LINEAR_SHAPES)}")
     args = ap.parse_args(argv)
@@ -340,8 +310,7 @@ def main(argv=None) -> int:
         tokens = tuple(int(v) for v in args.tokens.split(","))
         best.update({f"experts {k}": v for k, v in
                      sweep_grouped(log, bw, args.quick, tokens, args.max_total_s, args.mma_only,
-                                   tuple(args.grouped_shapes.split(",")), args.grouped_model,
-                                   args.gemv).items()})
+                                   tuple(args.grouped_shapes.split(",")), args.grouped_model).items()})
     log("best:")
     for k, (t, tag) in best.items():
         log(f"  {k}: {t * 1e6:.1f} us  {tag}")

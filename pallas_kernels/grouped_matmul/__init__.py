@@ -94,9 +94,7 @@ def grouped_matmul(x: jax.Array, w_node, group_sizes: jax.Array, *, backend: str
 
     fp8_act: the caller guarantees x is FP8-representable per 128-column block (e4m3 times a power of two, what
     `quant.fp8_sim` returns). The GPU kernel may then run FP8 x FP8 dots (`gpu.grouped_matmul`'s x_fp8: at decode,
-    FP4 weights, `in` a multiple of 128), equal to the bf16 dots up to the fp32 summation order; for FP4 weights in
-    the halves layout (uint8) with at most one row per expert on average it can run the CUDA-core GEMV instead
-    (`gpu.use_gemv`, mma="gemv": bf16 x as is, forward only; opt-in with env V4JAX_GROUPED_GEMV=1 until measured).
+    FP4 weights, `in` a multiple of 128), equal to the bf16 dots up to the fp32 summation order.
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:

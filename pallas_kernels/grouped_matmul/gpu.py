@@ -79,31 +79,9 @@ tiles) 22-25% faster than the bf16 dots at 8-32 tokens and 6-11% at 1 token -- i
 FP4 weights when the caller passes x_fp8=True (DECODE_MMA_DEFAULTS); with many rows per group the dependent
 partial -> scale -> add chain after every small dot makes it 1.4-4x slower than bf16 dots, so never automatic.
 
-GEMV (launch option mma="gemv", FP4 weights in the halves layout only; `_gemv_kernel`). At decode nearly every
-non-empty group has 1-2 rows, yet the dot launches compute 16-row tiles (the dot's minimum): at 1 token the FP8-dot
-launch reads the touched experts at 21-31% of copy bandwidth (H100, w1+w3 joined [256, 4096, 4096]). The GEMV runs
-on the CUDA cores with no padded rows, as `pallas_kernels.linear`'s GEMV path (59-70% of copy bandwidth for FP8):
-the grid and tile map are the dot kernel's -- (out tiles, row tiles[, K splits]), `tile_map` with block_m = the GEMV
-row tile (1, 2 or 4 rows; a group with more rows gets several row tiles, each re-reading the weight tile, from L2
-when they run close together) -- and per program and 64-input group of its K range (block_k a multiple of 64):
-    b = the [block_n, 32] uint8 bytes; lo = e2m1(b & 15) (inputs k0 + i), hi = e2m1(b >> 4) (inputs k0 + 32 + i),
-        fp32 from integer ops (`_f32_of_e2m1`: exact, -0 for nibble 8)
-    s_lo, s_hi = the rows' two E8M0 scales 2^(code - 127), fp32 [block_n] (code << 23; code 0 -> 0, 255 -> inf)
-    per row r (a static loop over block_m; rows past the group are loaded clamped and never stored):
-        acc_r[block_n] += s_lo * sum_i lo[:, i] * x_r[k0 + i] + s_hi * sum_i hi[:, i] * x_r[k0 + 32 + i]
-then acc_r is stored masked to the group's rows and the real columns, to the output or to the split-K partial
-exactly as the dot kernel does (the tail pseudo-group stores zeros). x is used as the bf16 it is (no FP8 blocks,
-no permutation). Numerics: a product of an e2m1 value (2 significant bits) and a bf16 x (8) is exact in fp32, and
-a power-of-two scale applied to a partial sum is exact (barring fp32 under/overflow, i.e. codes far outside a
-checkpoint's), so the result is the reference's sum of exact products in another fp32 order (per 32 inputs, then
-across groups and K splits). No dot, so no Triton pipelining: num_stages 1; the loads in flight per SM are the
-concurrent programs' byte tiles, hence the split (`decode_split_k` with waves GEMV_WAVES and at least
-GEMV_MIN_STEPS K steps per program: Flash w1+w3 at 1 token 6 x 64 out tiles x 2 splits of 16 steps). Forward only:
-quantised weights get no gradient and dx goes through the reference (pallas_kernels.grouped_matmul._bwd).
-Automatic (`use_gemv`): mma=None with FP4 halves weights, decode, x_fp8 (the model's call) and N <= E *
-GEMV_MAX_ROWS_PER_GROUP, when GEMV_AUTO: OFF by default until measured, env V4JAX_GROUPED_GEMV=1 at import turns
-it on (mma="fp8" is still the explicit A/B).
-Launch defaults GEMV_DEFAULTS and `gemv_block_m`: a first guess, NOT yet measured on a GPU.
+A CUDA-core GEMV for 1-2 rows per group (no padded rows, FP4 decoded to fp32 per element) was written in session 7
+and measured in session 8 (docs/benchmarks.md): 1.4-3.7x SLOWER than the FP8-dot launch at 1-32 tokens on an H100,
+so it was removed (git history: commit ebf93b2).
 
 Weight gradient (`grouped_matmul_dw`, the VJP's dw): dw[e] = sum over the rows r of group e of dy[r]^T x[r]. The
 grid is (out tiles, in tiles, experts), the out-tile axis fastest, so the programs in flight work on one expert and
@@ -126,7 +104,6 @@ per-128 block promotion (the activations are FP8-simulated anyway under quant_si
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -165,35 +142,6 @@ DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
 SMS = 132                        # streaming multiprocessors (H100 SXM and H200)
 DECODE_WAVES = 4                 # decode_split_k's target: programs per SM
 W_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2, "fp4": 0.5 + 1 / 32}   # bytes read per weight (with scales)
-
-# CUDA-core GEMV decode launch (mma="gemv", FP4 halves layout only; module docstring "GEMV"). Unmeasured first guess
-# in the style of pallas_kernels.linear's gemv_launch: (block_m, block_n, block_k, num_warps, num_stages); block_m
-# None = `gemv_block_m`. block_n 64 x block_k 128: a 4 KB byte tile (64 rows x 2 groups of 32 bytes) per K step, 8K
-# decoded fp32 values over 128 threads (as the FP8 linear GEMV's 8 KB tile of 64 x 128); num_stages 1: no dot in the
-# loop, nothing for Triton's pipeliner to stage.
-GEMV_DEFAULTS = (None, 64, 128, 4, 1)
-GEMV_MAX_ROWS_PER_GROUP = 1      # automatic GEMV while N <= this * E (Flash: up to 42 tokens of top-6 over 256)
-GEMV_WAVES = 4                   # the GEMV split's target: programs per SM (decode_split_k's waves)
-GEMV_MIN_STEPS = 4               # K steps a GEMV program keeps at least (the linear GEMV's measured rule)
-# The automatic GEMV choice is OFF until measured on a GPU (written in session 7, when the device time was spent;
-# tested on CPU in interpret mode and lowered for CUDA only): V4JAX_GROUPED_GEMV=1 (read at import) turns it on for
-# A/B runs; mma="gemv" is always available explicitly. See docs/STATUS.md for the measurement to run.
-GEMV_AUTO = os.environ.get("V4JAX_GROUPED_GEMV", "0") == "1"
-
-
-def gemv_block_m(N: int, E: int) -> int:
-    """The GEMV row tile: 1 while N * 4 <= E (batch 1-10 on Flash's 256 experts: nearly every touched group has one
-    row, and a second row would be decoded-weight FMAs thrown away), else 2 (groups of 2 read the weight tile once
-    instead of twice; a 1-row group wastes one row's FMAs, not the weight decode)."""
-    return 1 if 4 * N <= E else 2
-
-
-def use_gemv(N: int, E: int, *, halves: bool, x_fp8: bool, decode: bool) -> bool:
-    """The automatic choice of the CUDA-core GEMV (mma=None): FP4 weights in the halves layout, at decode, when the
-    caller passes x_fp8 (the model's MoE call under quant_sim), at most GEMV_MAX_ROWS_PER_GROUP rows per expert on
-    average, and GEMV_AUTO (env V4JAX_GROUPED_GEMV=1; off by default until measured on a GPU)."""
-    return GEMV_AUTO and halves and x_fp8 and decode and 0 < N <= GEMV_MAX_ROWS_PER_GROUP * E
-
 
 def decode_split_k(N: int, E: int, O: int, K: int, *, block_n: int, block_k: int, w_bytes: float = W_BYTES["fp4"],
                    sms: int = SMS, waves: int = DECODE_WAVES, min_steps: int = 2) -> int:
@@ -308,7 +256,6 @@ TILE_DECODES = ("e4m3", "bits", "bits_exp")   # fp4_decode_tile's (the int8 layo
 FP4_DECODES = TILE_DECODES + ("asm",)         # "asm": the FP8-dot path and the halves layout
 FP4_PARITIES = (False, True, "split", "strided", "permuted")
 _F32_BITS_2M7 = 0x3C000000       # fp32 bits of 2^-7 = e2m1 0.5 / 64
-_F32_BITS_HALF = 0x3F000000      # fp32 bits of 0.5 (e2m1 code 1)
 _F32_SIGN = -(1 << 31)           # int32 0x80000000
 
 
@@ -507,63 +454,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         pltriton.store(o_at, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
 
-def _f32_of_e2m1(nib):
-    """e2m1 nibbles (int32 0..15) -> their fp32 values (exact, -0.0 for nibble 8): `_e2m1_f32` with the sign bit 3
-    moved to bit 31."""
-    return _e2m1_f32(nib & 7, (nib & 8) << 28, _F32_BITS_HALF)
-
-
-def _gemv_kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, E, N, K, O, bm, bn, bk, split_k):
-    """CUDA-core GEMV for FP4 weights in the halves layout (mma="gemv"; module docstring "GEMV"): per program one
-    row tile (bm rows of one group), one out tile of bn rows, one K range; per row an fp32 accumulator [bn]."""
-    j, t = pl.program_id(0), pl.program_id(1)
-    g, row0, rend = meta_ref[0, t], meta_ref[1, t], meta_ref[2, t]
-    iota = lambda n: jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-    cols = j * bn + iota(bn)
-    wcol = cols if O % bn == 0 else jnp.minimum(cols, O - 1)           # loads clamped, stores masked
-    wc = wcol[:, None]                                                   # [bn, 1]
-    c32 = iota(32)
-    steps = K // bk // split_k
-    ks = pl.program_id(2) if split_k > 1 else 0
-    colmask = cols < O
-
-    def store(r, y):
-        row = row0 + r
-        at = o_ref.at[ks, row, cols] if split_k > 1 else o_ref.at[row, cols]
-        pltriton.store(at, y.astype(o_ref.dtype), mask=colmask & (row < rend))
-
-    @pl.when((rend > row0) & (g < E))
-    def _compute():
-        xrows = [jnp.minimum(row0 + r, N - 1) for r in range(bm)]        # past the group: clamped, never stored
-
-        def body(kk, accs):
-            k0 = pl.multiple_of((ks * steps + kk) * bk, bk)
-            accs = list(accs)
-            for h in range(bk // 64):                                    # one 64-input group: two scale blocks
-                kh = k0 + 64 * h
-                b = w_ref[g, wc, (kh // 2 + c32)[None, :]].astype(jnp.int32)     # [bn, 32] bytes (uint8)
-                lo, hi = _f32_of_e2m1(b & 15), _f32_of_e2m1((b >> 4) & 15)       # inputs kh + i, kh + 32 + i
-                cb = kh // 32
-                s_lo, s_hi = (_e8m0_pow2(s_ref[g, wcol, c].astype(jnp.int32)) for c in (cb, cb + 1))  # [bn]
-                for r in range(bm):
-                    x_lo = x_ref[xrows[r], kh + c32].astype(f32)                 # [32] bf16 -> fp32, exact
-                    x_hi = x_ref[xrows[r], kh + 32 + c32].astype(f32)
-                    p_lo = jnp.sum(lo * x_lo[None, :], axis=1)                   # exact products, fp32 sums
-                    p_hi = jnp.sum(hi * x_hi[None, :], axis=1)
-                    accs[r] = accs[r] + s_lo * p_lo + s_hi * p_hi                # powers of two: exact scaling
-            return tuple(accs)
-
-        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), f32) for _ in range(bm)))
-        for r in range(bm):
-            store(r, accs[r])
-
-    @pl.when((rend > row0) & (g == E))
-    def _zeros():
-        for r in range(bm):
-            store(r, jnp.zeros((bn,), f32))
-
-
-MMAS = ("bf16", "fp8", "gemv")
+MMAS = ("bf16", "fp8")
 
 
 def fp8_blocks(x: jax.Array, block: int = 128):
@@ -620,12 +511,6 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     block (`quant.fp8_sim` output); otherwise it adds x's FP8 rounding. None: "fp8" at decode for FP4 weights
     (MMA_AUTO_FORMATS) when x_fp8 says x is FP8-representable per 128 columns and in % 128 == 0, else "bf16".
     The decode launch with mma="fp8" takes DECODE_MMA_DEFAULTS.
-    mma="gemv" (FP4 in the halves layout only): the CUDA-core GEMV (module docstring "GEMV"), no dot, bf16 x used
-    as is (no FP8 requirement), exact products, equal to the reference up to fp32 summation order. Launch: block_m
-    (rows per row tile, any >= 1; default `gemv_block_m`), block_n, block_k (a multiple of 64), num_warps,
-    num_stages from GEMV_DEFAULTS, split_k from `decode_split_k(..., waves=GEMV_WAVES, min_steps=GEMV_MIN_STEPS)`;
-    w_lhs / fp4_decode do not apply. None picks it (before the "fp8" rule) when `use_gemv` says so: halves, decode,
-    x_fp8 and N <= GEMV_MAX_ROWS_PER_GROUP * E, if V4JAX_GROUPED_GEMV=1 was set at import (GEMV_AUTO).
     FP4 in the "halves" layout (w uint8, `v4jax.quant.fp4_to_halves`; the scales as for int8): per 64 columns the
     low nibbles are one whole 32-column scale block and the high nibbles the next. FP8 dots: each half is its own
     dot (no nibble interleave, no split of the tile); bf16 dots: the two scaled halves joined into one [block_n,
@@ -644,15 +529,9 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     fmt = weight_format(w, scale)
     decode = x.shape[0] < DECODE_ROWS_PER_GROUP * w.shape[0] and not transpose_w
     if mma is None:
-        if fmt == "fp4" and use_gemv(x.shape[0], w.shape[0], halves=halves, x_fp8=x_fp8, decode=decode):
-            mma = "gemv"
-        else:
-            mma = "fp8" if (x_fp8 and decode and fmt in MMA_AUTO_FORMATS and x.shape[1] % 128 == 0) else "bf16"
+        mma = "fp8" if (x_fp8 and decode and fmt in MMA_AUTO_FORMATS and x.shape[1] % 128 == 0) else "bf16"
     if mma not in MMAS:
         raise ValueError(f"grouped_matmul(gpu): mma={mma!r}, not one of {MMAS}")
-    if mma == "gemv" and (fmt != "fp4" or not halves or transpose_w):
-        raise ValueError(f"grouped_matmul(gpu): mma='gemv' needs FP4 weights in the halves layout (uint8), got "
-                         f"{fmt} {w.dtype}{', transpose_w' if transpose_w else ''}")
     if fp4_decode is None:
         fp4_decode = "asm" if halves else "e4m3"
     if fmt == "fp4" and fp4_decode == "asm" and mma != "fp8" and not halves:
@@ -666,9 +545,6 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     table = (DECODE_MMA_DEFAULTS if mma == "fp8" else DECODE_DEFAULTS) if decode else DEFAULTS
     d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"),
                  table[fmt + "h" if halves else fmt]))
-    if mma == "gemv":
-        d.update(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), GEMV_DEFAULTS))
-        d["block_m"] = d["block_m"] or gemv_block_m(x.shape[0], w.shape[0])
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
     w_lhs = d["w_lhs"] if w_lhs is None else w_lhs
@@ -698,9 +574,6 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
             halves and bk % 64):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
-    if split_k is None and mma == "gemv":
-        split_k = decode_split_k(N, E, O, K, block_n=bn, block_k=bk, w_bytes=W_BYTES[fmt], waves=GEMV_WAVES,
-                                 min_steps=GEMV_MIN_STEPS)
     if split_k is None:
         split_k = decode_split_k(N, E, O, K, block_n=bn, block_k=bk, w_bytes=W_BYTES[fmt]) if decode else 1
     if not isinstance(split_k, int) or split_k < 1 or (K // bk) % split_k:
@@ -722,14 +595,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
             raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs in={K} to be a multiple of 128")
         args[1], xs = fp8_blocks(x, 128)
         args.append(xs)
-    if mma == "gemv":                            # x as is (bf16), the raw uint8 bytes and E8M0 codes
-        kernel = functools.partial(_gemv_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, split_k=split_k)
-    else:
-        kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt,
-                                   transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
-                                   fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
-                                   split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
-                                   fp4_layout="halves" if halves else "pairs")
+    kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt,
+                               transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
+                               fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
+                               split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
+                               fp4_layout="halves" if halves else "pairs")
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
@@ -739,7 +609,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         out_shape=jax.ShapeDtypeStruct((split_k, N, O) if split else (N, O), f32 if split else out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"grouped_matmul_{fmt}" + ("_gemv" if mma == "gemv" else "") + (f"_split{split_k}" if split else ""),
+        name=f"grouped_matmul_{fmt}" + (f"_split{split_k}" if split else ""),
     )(*args)
     if not split:
         return out
