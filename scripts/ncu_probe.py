@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Run the decode kernels worth a hardware-counter look, a few times each, for Nsight Compute:
 
-    ncu --clock-control none --kernel-name regex:'grouped_matmul|sparse_attention' --launch-skip 2 \
-        --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section Occupancy --section LaunchStats python scripts/ncu_probe.py [--cases experts32,experts1,attn64]
+    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:'grouped_matmul|sparse_attention' \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy --section LaunchStats python scripts/ncu_probe.py --reps 1 [--cases experts32,experts1,attn64]
 
 Cases (Flash shapes, the model's own calls and launches):
   experts1 / experts32: the routed experts' w13 [256, 4096, 4096] FP4 in the halves layout (what
       `params.to_kernel_layout` gives), x FP8-representable (x_fp8: the FP8-dot decode launch), 1 / 32 tokens of
       top-6 routing; w2 [256, 4096, 2048] likewise.
   attn64: sparse attention decode, Flash B = 64, H = 64, K = 512, T = 640 entries per list, pool of 16K rows.
-Each kernel runs 3 times (block_until_ready between), so `--launch-skip 2 --launch-count 4` profiles warm calls.
+Each kernel runs 1 + --reps times (block_until_ready between). Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false:
+ncu saves and restores the device memory in use around every replayed kernel (JAX's preallocated pool: minutes).
 Without ncu it prints the per-call time of each (a sanity check of the script).
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="experts1,experts32,attn64")
     ap.add_argument("--shrink", type=int, default=1, help="(a CPU check of the script) divide the shapes")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls after the first")
     args = ap.parse_args(argv)
     jobs = []
     for c in args.cases.split(","):
@@ -78,9 +80,9 @@ def main(argv=None) -> int:
     for name, f, a in jobs:
         jax.block_until_ready(f(*a))                       # compile + first call
         t = time.perf_counter()
-        for _ in range(3):
+        for _ in range(args.reps):
             jax.block_until_ready(f(*a))
-        print(f"{name}: {(time.perf_counter() - t) / 3 * 1e6:.1f} us per call (host-timed, with dispatch)",
+        print(f"{name}: {(time.perf_counter() - t) / max(args.reps, 1) * 1e6:.1f} us per call (host-timed, with dispatch)",
               flush=True)
     return 0
 
