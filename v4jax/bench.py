@@ -463,7 +463,12 @@ def decode_sweep_configs(H, T, B, full=False) -> list[dict]:
                  dict(num_splits=1, heads_per_program=64, num_warps=8),
                  dict(num_splits=2, exact=False, heads_per_program=64, num_warps=8),
                  dict(num_splits=1, prefetch=True, num_stages=1),
-                 dict(num_splits=1, prefetch=True, num_stages=1, num_warps=8)]
+                 dict(num_splits=1, prefetch=True, num_stages=1, num_warps=8),
+                 # 8 warps on the 16-head tile: the same tile over twice the threads (fewer registers per thread);
+                 # the 4-warp launch runs 2 programs = 8 warps per SM (registers and shared memory), one wave
+                 dict(num_splits=1, heads_per_program=16, num_warps=8),
+                 dict(num_splits=1, heads_per_program=16, num_warps=8, num_stages=2),
+                 dict(num_splits=1, heads_per_program=32, num_warps=8)]
         if full:
             cfgs += [dict(num_splits=divs[1 if len(divs) > 1 else 0], exact=False),
                      dict(num_splits=1, num_stages=2), dict(num_splits=1, num_warps=8),
