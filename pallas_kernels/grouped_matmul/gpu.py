@@ -308,7 +308,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs", scale_cols=False):
+            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs"):
     xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
@@ -352,9 +352,6 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         """The h-th 64-column group of the K step in the halves layout: (low, high) e4m3 [bn, 32] (inputs
         k0 + 64h + 0..31 and + 32..63) and their scales, [bn, 1] each, or [1, bn] if transposed."""
         lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)
-        if scale_cols:                       # codes [E, in/32, out]: one contiguous run of bn bytes per block
-            kb, at = k0 // 32 + 2 * h, (wcol[None, :] if transposed else wc)
-            return lo, hi, [_fp4_scale(s_ref[g, kb + i, at].astype(jnp.int32)) for i in range(2)]
         cb = k0 // 32 + 2 * h + iota(2)
         codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
         return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
@@ -561,10 +558,6 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         O, Kw = w.shape[1], w.shape[2] * (2 if fmt == "fp4" else 1)
     if Kw != K:
         raise ValueError(f"grouped_matmul(gpu): x has {K} inputs, w {Kw} (w {w.shape}, {fmt})")
-    scale_cols = fmt == "fp4" and scale.dtype == jnp.uint8      # E8M0 codes [E, in/32, out] (quant.fp4_to_kernel)
-    if scale_cols and (not halves or scale.shape != (E, K // 32, O)):
-        raise ValueError(f"grouped_matmul(gpu): uint8 FP4 scale codes must be [E, in/32, out] = {(E, K // 32, O)} "
-                         f"beside halves (uint8) weights; got scale {scale.shape}, w {w.dtype} {w.shape}")
     if group_sizes.shape != (E,):
         raise ValueError(f"grouped_matmul(gpu): group_sizes {group_sizes.shape} != ({E},)")
     if N == 0 or O == 0:
@@ -592,7 +585,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         from v4jax.quant import e8m0_to_f32
         args.append(e8m0_to_f32(scale))
     elif fmt == "fp4":
-        args.append(scale if scale_cols else jax.lax.bitcast_convert_type(scale, jnp.uint8))
+        args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
         if fp4_parity == "permuted" and mma == "bf16":   # per K step of bk columns: bk/2 even ones, then odd ones
             args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
         if halves and mma == "bf16":   # per 64 columns (0, 32, 1, 33, ..): the order of the joined nibble halves
@@ -601,12 +594,13 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         if K % 128:
             raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs in={K} to be a multiple of 128")
         args[1], xs = fp8_blocks(x, 128)
-        args.append(xs.T)                        # [in/128, N]: a K step's row scales are one contiguous run
+        args.append(xs.T)       # [in/128, N]: a K step's row scales in one contiguous run, not one 4-byte read
+                                # per row at a stride of in/128 (H100, halves layout: 5-15% faster at 1-32 tokens)
     kernel = functools.partial(_kernel, E=E, N=N, K=K, O=O, bm=bm, bn=bn, bk=bk, fmt=fmt,
                                transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
                                fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
                                split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
-                               fp4_layout="halves" if halves else "pairs", scale_cols=scale_cols)
+                               fp4_layout="halves" if halves else "pairs")
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
