@@ -77,31 +77,33 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
                    help="routed experts as params.to_kernel_layout leaves them (FP4 halves layout, w1/w3 joined: "
                         "the default), the same without joining w1/w3 (fuse_gate_up=False), or as in the checkpoint")
     p.add_argument("--profile", default=None,
-                   help="directory: trace 4 more decode steps of every decode case with the JAX profiler and print "
-                        "the kernels that take the time (v4jax.profiling)")
+                   help="directory: trace one more prefill call and 4 more decode steps of every case with the JAX "
+                        "profiler and print the kernels that take the time (v4jax.profiling)")
     return p
 
 
 PROFILE_STEPS = 4
 
 
-def _profile_decode(root, name, exe, params, cache, tok, log):
-    """Trace PROFILE_STEPS decode steps (the cache has room: max_len leaves 8 spare positions) and log the table."""
+def _profile(root, name, exe, args, steps, log):
+    """Trace one call exe(*args) (`steps` decode steps, or one prefill call) with the JAX profiler and log the
+    kernel table and the per-source-line table (the HLO text is kept beside the trace)."""
     import jax
     from . import profiling
     d = os.path.join(root, name)
     try:
         with jax.profiler.trace(d):
             t0 = time.perf_counter()
-            out = exe(params, cache, tok, PROFILE_STEPS)
+            out = exe(*args)
             jax.block_until_ready(out)
             wall = time.perf_counter() - t0
-        for line in profiling.summarize(d, steps=PROFILE_STEPS, top=25, wall_s=wall):
+        del out
+        for line in profiling.summarize(d, steps=steps, top=25, wall_s=wall):
             log(line)
         hlo = exe.as_text()
         with open(d + ".hlo.txt", "w") as f:          # beside the trace: the fusions' bodies, for reading later
             f.write(hlo)
-        for line in profiling.by_source(d, hlo, steps=PROFILE_STEPS, top=60):
+        for line in profiling.by_source(d, hlo, steps=steps, top=60):
             log(line)
     except Exception as e:  # noqa: BLE001 - profiling is a diagnostic; the measurement stands without it
         log(f"profile {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -356,6 +358,8 @@ def run(args) -> int:
             res["prefill"].append(row)
             log(f"prefill {B}x{_fmt_tok(S)} ({calls} call(s) of {mb}): " +
                 (f"{dt:.2f} s, {B * S / dt:,.0f} tokens/s" if dt else err))
+            if args.profile and dt:
+                _profile(args.profile, f"prefill_{mb}x{_fmt_tok(S)}", exe, (params, toks[0]), 1, log)
 
         # ---- decode
         for B, ctx in dec_cases:
@@ -380,7 +384,8 @@ def run(args) -> int:
                 jax.block_until_ready(tok)
                 dt = (time.perf_counter() - t0) / steps
                 if args.profile:
-                    _profile_decode(args.profile, f"decode_{B}x{_fmt_tok(ctx)}", c[0], params, cache, tok, log)
+                    _profile(args.profile, f"decode_{B}x{_fmt_tok(ctx)}", c[0], (params, cache, tok, PROFILE_STEPS),
+                             PROFILE_STEPS, log)
                 del cache
                 err = None
             except Exception as e:  # noqa: BLE001
