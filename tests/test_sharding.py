@@ -89,6 +89,14 @@ def test_decode_after_context_parallel_prefill(multidevice):
     assert multidevice["cp_decode_max_err"] < 1e-4
 
 
+def test_sharded_chunked_prefill(multidevice):
+    """A chunked prefill (4 chunks) under expert=8 has no float all-gather of the full sequence length: each
+    chunk's slice and update stay local (v4jax.chunks keeps the buffers whole along the sequence; before, every
+    chunk all-gathered the whole buffer -- 44% of a 6-layer 8 x 8K prefill on 2 H200s)."""
+    gathers = multidevice["chunked_prefill_full_seq_float_gathers"]
+    assert gathers == [], gathers
+
+
 def test_rules_with_overrides():
     assert sh.rules_with(None) == sh.RULES
     r = sh.rules_with("q_heads=expert, o_groups=expert,heads=none")

@@ -134,6 +134,17 @@ def decode_max_err(mesh, toks, prompt, n_steps, spec):
     return max(errs)
 
 
+# chunked prefill under expert=8 (4 chunks of 40 positions; S = 160 is no model dimension): no float all-gather of
+# the full sequence (the chunk buffers once came out split over `expert` along the sequence, and every chunk's
+# dynamic slice / update all-gathered the whole buffer). Values: sharding constraints do not change them, and the
+# chunking itself is checked against the unchunked prefill in tests/test_prefill_chunked.py.
+mesh8 = sh.make_mesh("expert=8")
+with jax.set_mesh(mesh8):
+    ps = sh.place(cfg, params)
+    t = jax.device_put(jax.random.randint(jax.random.key(5), (4, 160), 0, cfg.vocab_size), NamedSharding(mesh8, P()))
+    hlo = jax.jit(lambda p, t: v4jax.prefill(cfg, p, t, max_len=168, chunk_tokens=160)[0]).lower(ps, t).compile()
+    out["chunked_prefill_full_seq_float_gathers"] = full_seq_float_gathers(all_gathers(hlo.as_text()), 160)
+
 # decode with a sharded cache under data=2 x expert=4 (B=4: tokens split; B=1 would replicate)
 out["decode_max_err"] = decode_max_err(mesh, jax.random.randint(jax.random.key(1), (4, 118), 0, cfg.vocab_size),
                                        100, 10, P("data"))
