@@ -159,8 +159,9 @@ def active_axis_size(name: str) -> int:
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """with_sharding_constraint by logical axes under the current mesh (no-op without one)."""
+    """with_sharding_constraint by logical axes under the current mesh (no-op without one, and inside a shard_map,
+    where the values are already per-device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    if mesh is None or mesh.empty or mesh.manual_axes:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
