@@ -340,17 +340,19 @@ def test_moe_against_numpy(layer):
     np.testing.assert_allclose(np.asarray(y[0]), ref, rtol=2e-4, atol=2e-4)
 
 
-def test_permute_rows_values_and_gradient():
-    """moe.permute_rows(x, perm, inv) == x[perm], and its custom VJP (g[inv], a gather) equals autodiff's."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_take_rows_values_and_gradient(k):
+    """moe.take_rows(x, order, inv, k) == x[order // k]; its custom VJP (a gather of the k slots, summed in fp32)
+    equals autodiff's scatter-add of plain indexing."""
     from v4jax import moe
-    x = jax.random.normal(jax.random.key(0), (12, 5))
-    perm = jax.random.permutation(jax.random.key(1), 12)
-    inv = jnp.argsort(perm)
-    np.testing.assert_array_equal(np.asarray(moe.permute_rows(x, perm, inv)), np.asarray(x[perm]))
-    g = jax.random.normal(jax.random.key(2), (12, 5))
+    x = jax.random.normal(jax.random.key(0), (6, 5))
+    order = jax.random.permutation(jax.random.key(1), 6 * k)
+    inv = jnp.argsort(order)
+    np.testing.assert_array_equal(np.asarray(moe.take_rows(x, order, inv, k)), np.asarray(x[order // k]))
+    g = jax.random.normal(jax.random.key(2), (6 * k, 5))
     f = lambda fn: jax.vjp(fn, x)[1](g)[0]
-    np.testing.assert_array_equal(np.asarray(f(lambda a: moe.permute_rows(a, perm, inv))),
-                                  np.asarray(f(lambda a: a[perm])))
+    np.testing.assert_allclose(np.asarray(f(lambda a: moe.take_rows(a, order, inv, k))),
+                               np.asarray(f(lambda a: a[order // k])), rtol=1e-6, atol=1e-6)
 
 
 def test_routing_hash_vs_score_and_weights():

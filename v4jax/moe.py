@@ -12,6 +12,8 @@ projection. Routed outputs (bf16) are summed in fp32 in ascending expert id, the
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -71,25 +73,31 @@ def _grouped(x: jax.Array, w_node: dict, sizes: jax.Array, dt, fp8_act: bool = F
     return grouped_matmul(x, w_node, sizes, out_dtype=dt, fp8_act=fp8_act)
 
 
-@jax.custom_vjp
-def permute_rows(x: jax.Array, perm: jax.Array, inv: jax.Array) -> jax.Array:
-    """x[perm] for a permutation `perm` whose inverse is `inv`: a row gather forward AND backward (the cotangent
-    is g[inv]). The MoE's unsort used to be a scatter (`zeros.at[order].set(out)`, 7% of an 8 x 8K prefill on an
-    H100); plain x[perm] would move that scatter into the gradient (a gather's VJP scatter-adds)."""
-    return x[perm]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x: jax.Array, order: jax.Array, inv: jax.Array, k: int) -> jax.Array:
+    """x[order // k] for a permutation `order` of T * k slots (slot s = row s // k's copy s % k) whose inverse is
+    `inv`: the MoE's dispatch (k = top-k: each token's row once per routed expert, sorted by expert) and, with
+    k = 1, its unsort. A row gather forward AND backward: the cotangent of row t is the fp32 sum over its k
+    slots of g[inv[t * k + j]], j = 0..k-1 in order. Plain indexing would differentiate into a scatter-add (and
+    the unsort was a scatter forward, `zeros.at[order].set(out)`: 7% of an 8 x 8K prefill on an H100)."""
+    return x[order // k]
 
 
-def _permute_rows_fwd(x, perm, inv):
-    return x[perm], (perm, inv)
+def _take_rows_fwd(x, order, inv, k):
+    return x[order // k], (order, inv)
 
 
-def _permute_rows_bwd(res, g):
-    perm, inv = res
+def _take_rows_bwd(k, res, g):
+    order, inv = res
+    gs = g[inv].reshape((-1, k) + g.shape[1:])
+    dx = gs[:, 0].astype(f32)
+    for j in range(1, k):
+        dx = dx + gs[:, j].astype(f32)
     zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-    return g[inv], zero(perm), zero(inv)
+    return dx.astype(g.dtype), zero(order), zero(inv)
 
 
-permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.Array, first=0) -> jax.Array:
@@ -111,7 +119,8 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
     flat = jnp.where(local, lid, E_loc).reshape(-1)                  # E_loc = "not here": sorted last, no group
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
-    xs = x[order // k]
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    xs = take_rows(x, order, inv, k)                                 # each token k times, sorted by expert
     if "w13" in p:                                                   # params.to_kernel_layout: one call
         gu = _grouped(xs, p["w13"], sizes, dt, cfg.quant_sim)
         g, u = jnp.split(gu, 2, axis=-1)
@@ -122,8 +131,7 @@ def routed_sum(cfg: ModelConfig, p: dict, x: jax.Array, ids: jax.Array, w: jax.A
     if cfg.quant_sim:
         h = quant.fp8_sim(h, 128)
     out = _grouped(h, p["w2"], sizes, dt, cfg.quant_sim)
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-    out = permute_rows(out, inv, order).reshape(T, k, -1)            # back to (token, slot) order
+    out = take_rows(out, inv, order, 1).reshape(T, k, -1)            # back to (token, slot) order
     out = jnp.where(local[..., None], out, 0)
     y = out[:, 0].astype(f32)
     for j in range(1, k):
