@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Run the decode kernels worth a hardware-counter look, a few times each, for Nsight Compute:
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:'grouped_matmul|sparse_attention' \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section Occupancy --section LaunchStats python scripts/ncu_probe.py --reps 1 [--cases experts32,experts1,attn64]
+    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none \
+        --kernel-name regex:'grouped_matmul|sparse_attention' --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section SchedulerStats python scripts/ncu_probe.py --reps 1 [--cases experts32,experts1,attn64]
 
 Cases (Flash shapes, the model's own calls and launches):
   experts1 / experts32: the routed experts' w13 [256, 4096, 4096] FP4 in the halves layout (what
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         for _ in range(args.reps):
             jax.block_until_ready(f(*a))
-        print(f"{name}: {(time.perf_counter() - t) / max(args.reps, 1) * 1e6:.1f} us per call (host-timed, with dispatch)",
-              flush=True)
+        dt = (time.perf_counter() - t) / max(args.reps, 1)
+        print(f"{name}: {dt * 1e6:.1f} us per call (host-timed, with dispatch)", flush=True)
     return 0
 
 

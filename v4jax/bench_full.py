@@ -211,8 +211,8 @@ def memory_report() -> str:
     for d in jax.local_devices():
         try:
             m = d.memory_stats()
-            parts.append(f"{m['bytes_in_use'] / 2**30:.1f}/{m.get('largest_free_block_bytes', float('nan')) / 2**30:.1f}"
-                         f"/{m['bytes_limit'] / 2**30:.1f}")
+            free = m.get("largest_free_block_bytes", float("nan"))
+            parts.append(f"{m['bytes_in_use'] / 2**30:.1f}/{free / 2**30:.1f}/{m['bytes_limit'] / 2**30:.1f}")
         except Exception:  # noqa: BLE001 - CPU devices have no stats
             return ""
     return "memory in use / largest free block / limit GiB: " + ", ".join(parts)
@@ -269,8 +269,8 @@ def run(args) -> int:
             f"{held / 1e9:.1f} GB (non-expert weights replicated on each device; FP4 experts in the "
             f"{args.fp4_layout} layout); in use per device (GiB): "
             + ", ".join(f"{m:.1f}" for m in mem))
-        if memory_report():
-            log(memory_report())
+        if report := memory_report():
+            log(report)
         kv_tok = attention.cache_bytes_per_token(cfg)
         kv_tok_bf16 = attention.cache_bytes_per_token(cfg, "bf16")
         res.update(kv_bytes_per_token=kv_tok, kv_bytes_per_token_bf16=kv_tok_bf16)
@@ -351,8 +351,8 @@ def run(args) -> int:
                 err = None
             except Exception as e:  # noqa: BLE001
                 dt, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                if memory_report():
-                    log(memory_report())
+                if report := memory_report():
+                    log(report)
             row = {"batch": B, "seq": S, "micro_batch": mb, "calls": calls, "seconds": dt, "error": err,
                    "tokens_per_s": (B * S / dt) if dt else None, "memory_GiB": device_memory()}
             res["prefill"].append(row)
