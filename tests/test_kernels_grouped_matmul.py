@@ -202,6 +202,8 @@ def test_dispatch_formats_and_backends():
     assert gm.default_backend("cpu") == "reference" and gm.default_backend("cuda") == "gpu"
     with pytest.raises(ValueError, match="unknown backend"):
         gm.grouped_matmul(x, node, gs, backend="tpu")
+    with pytest.raises(ValueError, match=r"fp4 scale \(.*\) does not match w"):    # e.g. a transposed scale
+        gpu.grouped_matmul(x, node["weight"], gs, jnp.swapaxes(node["scale"], 1, 2), interpret=True)
     # a bare weight array and bf16 output; fp32 x takes the reference
     x, node, gs = _inputs(N, K, O, sizes, seed=6)
     ob = gm.grouped_matmul(x, node["weight"], gs, backend="gpu", out_dtype=jnp.bfloat16)

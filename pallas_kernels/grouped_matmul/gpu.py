@@ -560,6 +560,10 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         raise ValueError(f"grouped_matmul(gpu): x has {K} inputs, w {Kw} (w {w.shape}, {fmt})")
     if group_sizes.shape != (E,):
         raise ValueError(f"grouped_matmul(gpu): group_sizes {group_sizes.shape} != ({E},)")
+    want = {"fp8": (E, -(-O // 128), -(-K // 128)), "fp4": (E, O, K // 32)}.get(fmt)
+    if want is not None and tuple(scale.shape) != want:
+        raise ValueError(f"grouped_matmul(gpu): {fmt} scale {tuple(scale.shape)} does not match w {tuple(w.shape)} "
+                         f"(expected {want})")
     if N == 0 or O == 0:
         return jnp.zeros((N, O), out_dtype)
     x = x.astype(jnp.bfloat16)
