@@ -168,6 +168,24 @@ def test_reference_matches_float64_emulation():
     assert np.linalg.norm(ref - emu) / np.linalg.norm(emu) < 1e-3
 
 
+def test_dense_baseline_chunked_and_against_reference():
+    """The bench's dense-mask baseline: in query chunks (lax.map, how long prefills fit) the same as in one piece,
+    and close to the reference on lists without repeated entries (the mask counts an entry once)."""
+    from v4jax.bench import dense_attention
+    rng = np.random.default_rng(12)
+    B, S, H, K, N, T = 2, 8, 4, 64, 40, 12
+    q = jnp.asarray(rng.standard_normal((B, S, H, K), np.float32)).astype(jnp.bfloat16)
+    kv = jnp.asarray(rng.standard_normal((B, N, K), np.float32)).astype(jnp.bfloat16)
+    sink = jnp.asarray(rng.standard_normal(H, np.float32))
+    idx = np.stack([[rng.permutation(N)[:T] for _ in range(S)] for _ in range(B)]).astype(np.int32)
+    idx[:, :, -3:] = -1                                                       # masked tails
+    idx = jnp.asarray(idx)
+    whole = dense_attention(q, kv, idx, sink, 0.1)
+    np.testing.assert_allclose(np.asarray(dense_attention(q, kv, idx, sink, 0.1, q_chunk=4), np.float32),
+                               np.asarray(whole, np.float32), rtol=1e-6, atol=1e-6)
+    _close(whole, _ref(q, kv, idx, sink, scale=0.1))
+
+
 def test_empty_index_list():
     q, kv, idx, sink = make_inputs(1, 2, 4, 128, 5, 0)
     assert not np.asarray(gpu.sparse_attention(q, kv, idx, sink, 0.1, interpret=True)).any()

@@ -149,9 +149,17 @@ def prefill_inputs(key, H, topk, S):
     return q, kv, idx, sink
 
 
-def dense_attention(q, kv, idx, sink, scale):
-    """Every query against all N pool entries, with a mask built from its index list (the naive baseline)."""
+def dense_attention(q, kv, idx, sink, scale, q_chunk: int | None = None):
+    """Every query against all N pool entries, with a mask built from its index list (the naive baseline).
+    q_chunk: the queries `q_chunk` positions at a time (`lax.map`; S a multiple of it), so long prefills fit in
+    memory: the [B, S, H, N] scores of a 64K prefill would be ~280 GB at once."""
     B, S, H, K = q.shape
+    if q_chunk and S > q_chunk:
+        if S % q_chunk:
+            raise ValueError(f"dense_attention: S={S} is not a multiple of q_chunk={q_chunk}")
+        split = lambda a: jnp.moveaxis(a.reshape((B, S // q_chunk, q_chunk) + a.shape[2:]), 1, 0)
+        out = jax.lax.map(lambda qi: dense_attention(qi[0], kv, qi[1], sink, scale), (split(q), split(idx)))
+        return jnp.moveaxis(out, 0, 1).reshape(B, S, H, K)
     N = kv.shape[1]
     b = jnp.arange(B)[:, None, None]
     s = jnp.arange(S)[None, :, None]
@@ -163,6 +171,9 @@ def dense_attention(q, kv, idx, sink, scale):
     denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink[:, None] - m)
     o = jnp.einsum("bshn,bnk->bshk", p.astype(kv.dtype), kv, preferred_element_type=jnp.float32)
     return (o / denom).astype(q.dtype)
+
+
+DENSE_Q_CHUNK = 256     # prefill's dense baseline: [256, H, N] fp32 scores per step (Pro at 64K: ~2.3 GB)
 
 
 def _cost(q, kv, idx):
@@ -684,7 +695,7 @@ def bench_kernels(args) -> int:
         return jax.jit(lambda q, kv, i, s: sparse_attention(q, kv, i, s, scale))
 
     ref_fn = jax.jit(lambda q, kv, i, s: ref(q, kv, i, s, scale))
-    dense_fn = jax.jit(lambda q, kv, i, s: dense_attention(q, kv, i, s, scale))
+    dense_fn = jax.jit(lambda q, kv, i, s: dense_attention(q, kv, i, s, scale, q_chunk=DENSE_Q_CHUNK))
     tuned = {}
     for model in models:
         H, topk = MODELS[model]["H"], MODELS[model]["topk"]
@@ -745,7 +756,8 @@ def bench_kernels(args) -> int:
     from pallas_kernels import indexer as ix
     itab = ["| indexer scores | B | S | C | kernel us | ref us | x ref | TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
     if time.perf_counter() - t_start < args.time_budget:
-        for (B, S, C) in (((2, 1, 256), (1, 64, 64)) if args.smoke else ((64, 1, 32768), (1, 8192, 2048))):
+        for (B, S, C) in (((2, 1, 256), (1, 64, 64)) if args.smoke else
+                          ((64, 1, 32768), (1, 8192, 2048), (1, 32768, 8192), (1, 65536, 16384))):
             k = jax.random.split(jax.random.PRNGKey(3), 3)
             qi = jax.random.normal(k[0], (B, S, 64, 128), jnp.bfloat16)
             wi = (0.1 * jax.random.normal(k[1], (B, S, 64))).astype(jnp.bfloat16)
