@@ -191,31 +191,32 @@ def _decode_loop(cfg, params, cache, tok, n):
     return jax.lax.fori_loop(0, n, body, (cache, tok))
 
 
-def device_memory() -> list[float]:
+def _memory_stats() -> list[dict | None]:
+    """The allocator's statistics per local device (None where there are none: CPU devices)."""
     import jax
     out = []
     for d in jax.local_devices():
         try:
-            out.append(d.memory_stats()["bytes_in_use"] / 2**30)
+            out.append(d.memory_stats() or None)
         except Exception:  # noqa: BLE001 - CPU devices have no stats
-            out.append(float("nan"))
+            out.append(None)
     return out
+
+
+def device_memory() -> list[float]:
+    return [m["bytes_in_use"] / 2**30 if m else float("nan") for m in _memory_stats()]
 
 
 def memory_report() -> str:
     """Per device: in use / largest free block / limit (GiB), the allocator's own numbers; '' off the GPU. The
     largest free block is what one big buffer (a prefill's temp) can get: fragmentation shows as a gap between it
     and limit - in use."""
-    import jax
-    parts = []
-    for d in jax.local_devices():
-        try:
-            m = d.memory_stats()
-            free = m.get("largest_free_block_bytes", float("nan"))
-            parts.append(f"{m['bytes_in_use'] / 2**30:.1f}/{free / 2**30:.1f}/{m['bytes_limit'] / 2**30:.1f}")
-        except Exception:  # noqa: BLE001 - CPU devices have no stats
-            return ""
-    return "memory in use / largest free block / limit GiB: " + ", ".join(parts)
+    stats = _memory_stats()
+    if not all(stats):
+        return ""
+    g = lambda m, k: m.get(k, float("nan")) / 2**30
+    return "memory in use / largest free block / limit GiB: " + ", ".join(
+        f"{g(m, 'bytes_in_use'):.1f}/{g(m, 'largest_free_block_bytes'):.1f}/{g(m, 'bytes_limit'):.1f}" for m in stats)
 
 
 # ---- main --------------------------------------------------------------------------------------------

@@ -357,24 +357,24 @@ def _ffn_nodes(flat: dict) -> dict[str, dict[str, jax.Array]]:
 
 
 def _convert_nodes(params: dict, node_fn, donate: bool) -> dict:
-    """params with each quantised FFN node's leaves replaced by node_fn(base, leaves) -> (fn, like) or None: fn maps
-    the node's {leaf: array} to its new {leaf: array} (pure jnp, run as ONE jit per node) and like[new leaf] names
-    the old leaf whose sharding it takes. donate: the node's old leaves are deleted once its new ones exist -- all
-    of them; fn returns copies of what it keeps -- so each node frees one contiguous run of device memory that the
-    next node's new leaves (the same sizes) fill. Converting leaf by leaf instead left two holes per layer that the
-    joined w13 (twice their size) could not use: ~46 GiB of scattered holes per H200 on full Flash, and the
-    prefill's one 17 GiB temp buffer found no room (session 7). Peak: one node above the weights. Abstract leaves
+    """params with each quantised FFN node's leaves replaced by node_fn(base, leaves) -> fn or None: fn maps the
+    node's {leaf: array} to its new {leaf: array} (pure jnp, run as ONE jit per node); each new leaf takes the
+    sharding of its source (`_source_leaf`: itself, or w13 <-> w1 / w3, whose specs are the same). donate: the
+    node's old leaves are deleted once its new ones exist -- all of them; fn returns copies of what it keeps -- so
+    each node frees one contiguous run of device memory that the next node's new leaves (the same sizes) fill.
+    Converting leaf by leaf instead left two holes per layer that the joined w13 (twice their size) could not use:
+    ~46 GiB of scattered holes per H200 on full Flash, and the prefill's one 17 GiB temp buffer found no room
+    (session 7). Peak: one node above the weights. Abstract leaves
     (jax.ShapeDtypeStruct) give the abstract result."""
     flat = flatten(params)
     for base, leaves in _ffn_nodes(flat).items():
-        plan = node_fn(base, leaves)
-        if plan is None:
+        fn = node_fn(base, leaves)
+        if fn is None:
             continue
-        fn, like = plan
-        shardings = {k: getattr(leaves[src], "sharding", None) for k, src in like.items()}
+        out = jax.eval_shape(fn, leaves)                             # the new leaves' names (tracing only)
+        shardings = {k: getattr(leaves[_source_leaf(k, leaves)], "sharding", None) for k in out}
         if any(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values()):
-            new = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k])
-                   for k, a in jax.eval_shape(fn, leaves).items()}
+            new = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in out.items()}
         else:
             named = all(isinstance(v, jax.sharding.NamedSharding) for v in shardings.values())
             new = jax.block_until_ready(jax.jit(fn, out_shardings=shardings if named else None)(leaves))
@@ -384,6 +384,14 @@ def _convert_nodes(params: dict, node_fn, donate: bool) -> dict:
         if donate:
             _delete(*(v for v in leaves.values() if all(v is not u for u in new.values())))
     return unflatten(flat)
+
+
+def _source_leaf(name: str, leaves: dict) -> str:
+    """The old leaf a converted FFN leaf comes from: itself, w1's for a joined w13, w13's for a split w1 / w3."""
+    if name in leaves:
+        return name
+    w, leaf = name.split(".", 1)
+    return f"w1.{leaf}" if w == "w13" else f"w13.{leaf}"
 
 
 def _gate_up_axis(base: str) -> int:
@@ -406,10 +414,7 @@ def _to_kernel_node(fuse_gate_up: bool):
                 for leaf in ("weight", "scale"):
                     out[f"w13.{leaf}"] = jnp.concatenate([out.pop(f"w1.{leaf}"), out.pop(f"w3.{leaf}")], axis)
             return out
-        like = {k: k for k in lv}
-        if fuse:
-            like = {("w13" + k[2:] if k[:2] in ("w1", "w3") else k): (k.replace("w3", "w1")) for k in lv}
-        return fn, like
+        return fn
     return plan
 
 
@@ -428,11 +433,7 @@ def _to_checkpoint_node(base, lv):
             else:
                 out[k] = jnp.copy(v)
         return {k: quant.fp4_from_halves(v) if v.dtype == jnp.uint8 else v for k, v in out.items()}
-    like = {}
-    for k in lv:
-        for n in ((("w1" + k[3:]), ("w3" + k[3:])) if k.startswith("w13.") else (k,)):
-            like[n] = k
-    return fn, like
+    return fn
 
 
 def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = True) -> dict:
