@@ -205,23 +205,11 @@ def grouped_configs(K, quick, auto_split, mma_only=False):
     return cfgs
 
 
-def prefetch_configs():
-    """The model's call (FP4 halves layout, x_fp8: the automatic FP8-dot launch) and the same with the K loop's loads
-    issued `prefetch` steps ahead (`grouped_matmul(prefetch=d)`), around the default launch."""
-    base = dict(x_fp8=True, fp4_layout="halves")
-    cfgs = [base]
-    for d, st in itertools.product((1, 2, 3), (1, 3)):
-        cfgs.append(dict(base, prefetch=d, num_stages=st))
-    cfgs += [dict(base, prefetch=2, num_stages=1, block_n=64), dict(base, prefetch=2, num_stages=1, num_warps=8),
-             dict(base, prefetch=2, num_stages=1, block_k=128), dict(base, prefetch=4, num_stages=1)]
-    return cfgs
-
-
 GROUPED_SHAPES = {"w1": (2048, 4096), "w2": (4096, 2048), "w13": (4096, 4096)}     # w13: w1 and w3 joined
 
 
 def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=False, names=("w1", "w2"),
-                  model_only=False, prefetch=False):
+                  model_only=False):
     """FP4 experts at decode. Setup kept short for the GPU: each weight [E, O, K] is generated and quantised once
     (on the device) and passed to every variant as a jit ARGUMENT (not a closed-over constant); one jit per variant
     runs the kernel on REPS distinct routings (the same kernel, compiled once) and returns the first output for the
@@ -255,7 +243,6 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
             cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves")]  # the model's calls: int8, halves
                     if model_only
-                    else prefetch_configs() if prefetch
                     else grouped_configs(K, quick, auto, mma_only))                     # dots as before (A/B)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
                 f"experts on average): {len(cfgs)} launches")
@@ -302,8 +289,6 @@ def main(argv=None) -> int:
     ap.add_argument("--grouped-shapes", default="w1,w2", help=f"grouped: of {','.join(GROUPED_SHAPES)}")
     ap.add_argument("--grouped-model", action="store_true",
                     help="grouped: only the model's calls (x_fp8, both FP4 layouts, automatic launch)")
-    ap.add_argument("--grouped-prefetch", action="store_true",
-                    help="grouped: the model's halves-layout call against prefetching K loops (prefetch_configs)")
     ap.add_argument("--linear-shapes", default=",".join(LINEAR_SHAPES),
                     help=f"linear: weights among {','.join(LINEAR_SHAPES)}")
     args = ap.parse_args(argv)
@@ -325,8 +310,7 @@ def main(argv=None) -> int:
         tokens = tuple(int(v) for v in args.tokens.split(","))
         best.update({f"experts {k}": v for k, v in
                      sweep_grouped(log, bw, args.quick, tokens, args.max_total_s, args.mma_only,
-                                   tuple(args.grouped_shapes.split(",")), args.grouped_model,
-                                   args.grouped_prefetch).items()})
+                                   tuple(args.grouped_shapes.split(",")), args.grouped_model).items()})
     log("best:")
     for k, (t, tag) in best.items():
         log(f"  {k}: {t * 1e6:.1f} us  {tag}")

@@ -637,33 +637,6 @@ def test_gpu_kernel_fp4_halves_and_asm():
            _ref(x, node, gs), [3, 5], 8)
 
 
-def test_gpu_kernel_fp8_mma_prefetch_is_bit_identical():
-    """prefetch = d (the FP8-dot K loop issues step kk + d's loads before step kk's math) gives the same bits as the
-    plain loop for FP4 (int8 and halves layouts) and FP8 weights, unsplit and split-K, with d up to more than the
-    program's K steps (the loads past the last step repeat it and are never used); bad values are one error."""
-    few = [0] * 20
-    for e in (1, 5, 5, 9, 19, 19, 19):
-        few[e] += 1
-    N, K, O = 10, 512, 128
-    for fmt in ("fp4", "fp8"):
-        _, node, gs = _inputs(N, K, O, few, seed=50, fmt=fmt)
-        x = _fp8_x(N, K, seed=51)
-        ws = [node["weight"]] + ([quant.fp4_to_halves(node["weight"])] if fmt == "fp4" else [])
-        for w in ws:
-            for kw in (dict(), dict(w_lhs=False), dict(split_k=2, block_k=64)):
-                base = np.asarray(gpu.grouped_matmul(x, w, gs, node["scale"], mma="fp8", prefetch=0,
-                                                     interpret=True, **kw))
-                for d in (1, 2, 5):
-                    out = gpu.grouped_matmul(x, w, gs, node["scale"], mma="fp8", prefetch=d, interpret=True, **kw)
-                    np.testing.assert_array_equal(np.asarray(out), base, err_msg=f"{fmt} {w.dtype} {kw} d={d}")
-        _check(base, _ref(x, node, gs), few, N)
-    for bad in (-1, 1.5):
-        with pytest.raises(ValueError, match="prefetch"):
-            gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="fp8", prefetch=bad, interpret=True)
-    with pytest.raises(ValueError, match="prefetch"):
-        gpu.grouped_matmul(x, node["weight"], gs, node["scale"], mma="bf16", prefetch=1, interpret=True)
-
-
 def test_gpu_kernel_fp4_asm_lowers_for_cuda():
     """The inline-PTX decode (the halves layout's default) and the halves layout lower to
     Triton at the Flash shapes (decode and 8K rows)."""
@@ -672,8 +645,7 @@ def test_gpu_kernel_fp4_asm_lowers_for_cuda():
     w, s = jax.ShapeDtypeStruct((E, 2048, 2048), jnp.int8), jax.ShapeDtypeStruct((E, 2048, 128), jnp.float8_e8m0fnu)
     wh = jax.ShapeDtypeStruct(w.shape, jnp.uint8)
     for n, ww, kw in [(192, w, dict(mma="fp8")), (192, w, dict(mma="fp8", fp4_decode="e4m3")),
-                      (192, wh, dict(mma="fp8")), (6, wh, dict(mma="fp8", w_lhs=False)), (8192, wh, {}),
-                      (192, wh, dict(mma="fp8", prefetch=2))]:
+                      (192, wh, dict(mma="fp8")), (6, wh, dict(mma="fp8", w_lhs=False)), (8192, wh, {})]:
         x = jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16)
         mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, **kw),
                            x, ww, gs, s)

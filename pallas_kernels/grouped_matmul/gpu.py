@@ -308,7 +308,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs", prefetch=0):
+            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs"):
     xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
@@ -348,22 +348,13 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         codes = s_ref[g, wc, kcols(k0 // 32, bk // 32)].astype(jnp.int32)   # [bn, bk/32] E8M0 codes
         return fp4_decode_tile(b, codes, fp4_decode)
 
-    def halves_codes(k0, h, transposed):
-        """E8M0 codes (uint8) of the h-th 64-column group of the K step in the halves layout: [bn, 2] (the low and
-        high nibbles' scale blocks), or [2, bn] if transposed."""
-        cb = k0 // 32 + 2 * h + iota(2)
-        return s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]
-
-    def halves_decode(b, codes, transposed):
-        """Packed bytes [bn, 32] of one 64-column group and its codes -> (low, high) e4m3 [bn, 32] (inputs 0..31
-        and 32..63 of the group) and their scales, [bn, 1] each, or [1, bn] if transposed."""
-        lo, hi = _e4m3_of_nibbles(b, fp4_asm)
-        return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
-
     def halves_group(k0, h, transposed):
-        """The h-th 64-column group of the K step in the halves layout, loaded and decoded (halves_decode)."""
-        return halves_decode(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], halves_codes(k0, h, transposed),
-                             transposed)
+        """The h-th 64-column group of the K step in the halves layout: (low, high) e4m3 [bn, 32] (inputs
+        k0 + 64h + 0..31 and + 32..63) and their scales, [bn, 1] each, or [1, bn] if transposed."""
+        lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)
+        cb = k0 // 32 + 2 * h + iota(2)
+        codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
+        return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
 
     def weight_tile(k0):
         """[bn, bk] bf16: w[g, cols, k0:k0+bk], dequantised."""
@@ -386,53 +377,37 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         xt = x_ref[xr, kcols(k0, bk)]                                  # "split": [bm, bk] -> tt.split
         return tuple(jnp.unstack(xt.reshape(bm, bk // 2, 2), axis=-1))
 
-    def fp8_load(k0):
-        """The raw tiles one FP8-dot K step reads, nothing decoded: (x tiles, x's scales, weight tiles, weight
-        scales or E8M0 codes). Split from fp8_math so that a prefetching loop can issue the loads of a later step
-        before this step's math (launch option `prefetch`)."""
+    def fp8_step(acc, k0):
+        """One K step as FP8 x FP8 dots: acc += sum over the step's scale blocks of dot(w8, x8) * w_scale * x_scale.
+        FP4: the nibbles become e4m3 bytes of value / 64 (exact), interleaved into [bn, bk] and split into bk/32
+        blocks of 32 columns, one E8M0 code per row each (scale 64 * 2^(code - 127)). FP8: the e4m3 tile as is,
+        one 128 x 128 block scale. x: e4m3 [bm, bk] with one power-of-two scale per row (bk divides 128)."""
         # x's tile first (session 5's order): loading it after the weight tile made the int8 layout's 6-layer
         # Flash decode at 32 tokens ~6% slower (14.89 vs 14.09 ms/token, H100)
-        if fp4_layout == "halves" and fmt == "fp4":                     # per 64 columns: two whole scale blocks
-            xts = [x_ref[xr, kcols(k0 + 32 * i, 32)] for i in range(bk // 32)]
-        else:
-            xts = [x_ref[xr, kcols(k0, bk)]]                            # [bm, bk] e4m3
+        xt = x_ref[xr, kcols(k0, bk)] if fp4_layout != "halves" or fmt == "fp8" else None    # [bm, bk] e4m3
         xsc = xs_ref[k0 // 128, xrow[None, :] if w_lhs else xr]        # [1, bm] (w_lhs) or [bm, 1]; xs^T
         if fmt == "fp8":
             wts = [w_ref[g, wc, kcols(k0, bk)]]                        # [bn, bk] e4m3
             wsc = [s_ref[g, wc // 128 if w_lhs else wcol[None, :] // 128, k0 // 128]]   # [bn, 1] / [1, bn]
-        elif fp4_layout == "halves":
-            wts = [w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)] for h in range(bk // 64)]  # [bn, 32] packed
-            wsc = [halves_codes(k0, h, transposed=not w_lhs) for h in range(bk // 64)]
-        else:
-            wts = [w_ref[g, wc, kcols(k0 // 2, bk // 2)]]               # [bn, bk/2] packed pairs
-            nb = bk // 32
-            wsc = [s_ref[g, wc, kcols(k0 // 32, nb)] if w_lhs           # [bn, nb] / [nb, bn] codes
-                   else s_ref[g, wcol[None, :], (k0 // 32 + iota(nb))[:, None]]]
-        return xts, xsc, wts, wsc
-
-    def fp8_math(acc, tiles):
-        """One K step as FP8 x FP8 dots on fp8_load's tiles: acc += sum over the step's scale blocks of
-        dot(w8, x8) * w_scale * x_scale. FP4: the nibbles become e4m3 bytes of value / 64 (exact), interleaved into
-        [bn, bk] and split into bk/32 blocks of 32 columns, one E8M0 code per row each (scale 64 * 2^(code -
-        127)); the halves layout: each nibble half is one block. FP8: the e4m3 tile as is, one 128 x 128 block
-        scale. x: e4m3 [bm, bk] with one power-of-two scale per row (bk divides 128)."""
-        xts, xsc, wts, wsc = tiles
-        if fmt == "fp8":
-            pass
-        elif fp4_layout == "halves":
-            wts_, wsc_ = [], []
-            for b, codes in zip(wts, wsc):
-                lo, hi, (sa, sb) = halves_decode(b, codes, transposed=not w_lhs)
-                wts_ += [lo, hi]
-                wsc_ += [sa, sb]
-            wts, wsc = wts_, wsc_
+            xts = [xt]
+        elif fp4_layout == "halves":                                    # per 64 columns: two whole scale blocks
+            xts = [x_ref[xr, kcols(k0 + 32 * i, 32)] for i in range(bk // 32)]   # x first, as above
+            wts, wsc = [], []
+            for h in range(bk // 64):
+                lo, hi, (sa, sb) = halves_group(k0, h, transposed=not w_lhs)
+                wts += [lo, hi]
+                wsc += [sa, sb]
         else:
             nb = bk // 32
-            lo, hi = _e4m3_of_nibbles(wts[0], fp4_asm)                  # [bn, bk/2] each
+            lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2, bk // 2)], fp4_asm)    # [bn, bk/2] each
             w8 = jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
-            sc = _fp4_scale(wsc[0].astype(jnp.int32))
+            if w_lhs:
+                codes = s_ref[g, wc, kcols(k0 // 32, nb)].astype(jnp.int32)          # [bn, nb]
+            else:
+                codes = s_ref[g, wcol[None, :], (k0 // 32 + iota(nb))[:, None]].astype(jnp.int32)   # [nb, bn]
+            sc = _fp4_scale(codes)
             split = lambda a, axis: jnp.split(a, nb, axis=axis) if nb > 1 else [a]
-            wts, xts = split(w8, 1), split(xts[0], 1)
+            wts, xts = split(w8, 1), split(xt, 1)
             wsc = split(sc, 1 if w_lhs else 0)
         for wt, xb, ws in zip(wts, xts, wsc):
             if w_lhs:                                                   # [bn, bm]
@@ -449,13 +424,10 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
 
     @pl.when((rend > row0) & (g < E))
     def _compute():
-        def k0_of(kk):
-            return pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
-
         def body(kk, acc):
-            k0 = k0_of(kk)
+            k0 = pl.multiple_of((ks * steps + kk if split_k > 1 else kk) * bk, bk)
             if mma == "fp8":
-                return fp8_math(acc, fp8_load(k0))
+                return fp8_step(acc, k0)
             if fmt == "fp4" and fp4_layout == "halves":                # per 64 columns one dot; x permuted
                 for h in range(bk // 64):                              # by the wrapper to (0, 32, 1, 33, ..)
                     lo, hi, (sa, sb) = halves_group(k0, h, transposed=False)
@@ -472,21 +444,7 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
                 return acc + jnp.dot(xt, wt, preferred_element_type=f32)
             return mm(acc, weight_tile(k0), xt)
 
-        acc0 = jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32)
-        if mma == "fp8" and prefetch:
-            # the loads of step kk + prefetch are issued before step kk's math and carried in registers: the
-            # weight tiles are decoded in registers, so Triton's pipeliner does not turn them into async copies
-            # and a plain loop waits out one load latency per step. Past the last step the loads repeat it.
-            ahead = lambda kk: fp8_load(k0_of(jnp.minimum(kk, steps - 1)))
-
-            def body_ahead(kk, carry):
-                acc, tiles = carry[0], carry[1:]
-                nxt = ahead(kk + prefetch)
-                return (fp8_math(acc, tiles[0]), *tiles[1:], nxt)
-
-            acc = jax.lax.fori_loop(0, steps, body_ahead, (acc0, *[ahead(i) for i in range(prefetch)]))[0]
-        else:
-            acc = jax.lax.fori_loop(0, steps, body, acc0)
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm) if w_lhs else (bm, bn), f32))
         if w_lhs:
             acc = acc.T
         pltriton.store(o_at, acc.astype(o_ref.dtype), mask=mask)
@@ -526,13 +484,12 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "mma", "x_fp8", "prefetch", "interpret"))
+                                             "split_k", "mma", "x_fp8", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
                    fp4_decode: str | None = None, fp4_parity: bool | str = False, split_k: int | None = None,
-                   mma: str | None = None, x_fp8: bool = False, prefetch: int | None = None,
-                   interpret: bool = False):
+                   mma: str | None = None, x_fp8: bool = False, interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -562,8 +519,6 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`; interpret mode runs
     the same rewrite per element); None: "asm" for the halves layout, else "e4m3" (the int8 layout as measured
     before: with the PTX its 6-layer Flash decode at 32 tokens measured 14.9 ms against 13.8 ms, not isolated).
-    prefetch (mma="fp8" only): each K step's loads are issued `prefetch` steps ahead of its math and carried in
-    registers (0: none). Same results bit for bit. None: the launch table's entry.
     """
     halves = w.dtype == jnp.uint8
     if not (fp4_decode is None or fp4_decode in FP4_DECODES):
@@ -588,16 +543,11 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         raise ValueError(f"grouped_matmul(gpu): mma='fp8' needs FP8 or FP4 weights (got {fmt}"
                          f"{', transpose_w' if transpose_w else ''})")
     table = (DECODE_MMA_DEFAULTS if mma == "fp8" else DECODE_DEFAULTS) if decode else DEFAULTS
-    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs", "prefetch"),
+    d = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "w_lhs"),
                  table[fmt + "h" if halves else fmt]))
     block_m, block_n, block_k = block_m or d["block_m"], block_n or d["block_n"], block_k or d["block_k"]
     num_warps, num_stages = num_warps or d["num_warps"], num_stages or d["num_stages"]
     w_lhs = d["w_lhs"] if w_lhs is None else w_lhs
-    if prefetch is None:
-        prefetch = d.get("prefetch", 0) if mma == "fp8" else 0
-    if not isinstance(prefetch, int) or prefetch < 0 or (prefetch and mma != "fp8"):
-        raise ValueError(f"grouped_matmul(gpu): prefetch={prefetch!r} needs mma='fp8' and an int >= 0 "
-                         f"(mma={mma!r})")
     N, K = x.shape
     E = w.shape[0]
     if transpose_w:
@@ -654,7 +604,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
                                transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
                                fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
                                split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
-                               fp4_layout="halves" if halves else "pairs", prefetch=prefetch)
+                               fp4_layout="halves" if halves else "pairs")
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
