@@ -516,9 +516,12 @@ def run_decode(log, *, models, batches, ctxs, bw, peak, sweep_ctx=65536, sweep=T
         return lambda q, kv, i, s: sparse_attention(q, kv, i, s, scale)
 
     def resolved(H, T, B, cfg):
-        p = sa_gpu.plan(B, 1, H, T, num_splits=cfg.get("num_splits"), heads_per_program=cfg.get("heads_per_program"),
-                        interpret=interpret)
-        c = dict(cfg, num_splits=p["P"])
+        # the launch sparse_attention itself picks for cfg (its decode defaults apply only while num_splits and
+        # heads_per_program are unset), made explicit so that equal launches share one key
+        hb, nw = sa_gpu.launch_defaults(B, 1, H, T, cfg.get("heads_per_program"), cfg.get("num_splits"),
+                                        cfg.get("num_warps"))
+        p = sa_gpu.plan(B, 1, H, T, num_splits=cfg.get("num_splits"), heads_per_program=hb, interpret=interpret)
+        c = dict(cfg, num_splits=p["P"], heads_per_program=p["hb"], num_warps=nw)
         if p["P"] == 1 or not c.get("exact", True):
             c.pop("prepass_heads", None)
         if p["P"] == 1:

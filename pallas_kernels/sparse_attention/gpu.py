@@ -176,6 +176,16 @@ def _decode_launch(B: int, H: int, T: int, num_warps: int | None) -> tuple[int |
     return None, num_warps or 4
 
 
+def launch_defaults(B: int, S: int, H: int, T: int, heads_per_program: int | None, num_splits: int | None,
+                    num_warps: int | None) -> tuple[int | None, int]:
+    """(heads per program, warps) that `sparse_attention` launches with for these arguments: at decode (S = 1)
+    with neither heads_per_program nor num_splits given, `_decode_launch`'s; otherwise the given values (warps
+    default 4; heads None = `plan`'s default). The benchmark resolves its "auto" rows through this too."""
+    if S == 1 and heads_per_program is None and num_splits is None:     # decode: the launch sweep's best
+        heads_per_program, num_warps = _decode_launch(B, H, T, num_warps)
+    return heads_per_program, num_warps or 4
+
+
 def _num_sms() -> int:
     try:
         dev = jax.devices()[0]
@@ -244,9 +254,7 @@ def sparse_attention(q, kv, idx, sink, scale: float, *, block: int = BLOCK, head
     T = idx.shape[-1]
     if T == 0:
         return jnp.zeros_like(q)
-    if S == 1 and heads_per_program is None and num_splits is None:     # decode: the launch sweep's best
-        heads_per_program, num_warps = _decode_launch(B, H, T, num_warps)
-    num_warps = num_warps or 4
+    heads_per_program, num_warps = launch_defaults(B, S, H, T, heads_per_program, num_splits, num_warps)
     p = plan(B, S, H, T, block=block, heads_per_program=heads_per_program, num_splits=num_splits,
              interpret=interpret)
     Hp, hb, G, nb, P, bps = p["Hp"], p["hb"], p["G"], p["nb"], p["P"], p["bps"]
