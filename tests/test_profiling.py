@@ -90,3 +90,11 @@ def test_by_source_groups_kernels_by_line(tmp_path):
     text = "\n".join(rows)
     assert "| layers.py:118 rms_norm < model.py:290 decode_step | 0.001 | 1.0 | 13.3 | add |" in text
     assert "| [grouped_matmul_fp4] | 0.006 | 2.0 | 80.0 |" in text     # no instruction of that name
+
+
+def test_report_is_both_tables_and_keeps_the_hlo(tmp_path):
+    d = _write(tmp_path / "trace")
+    rows = profiling.report(d, HLO, steps=2, wall_s=10e-6)
+    assert rows == profiling.summarize(d, steps=2, top=25, wall_s=10e-6) + profiling.by_source(d, HLO, steps=2,
+                                                                                                top=60)
+    assert (tmp_path / "trace.hlo.txt").read_text() == HLO

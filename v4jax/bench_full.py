@@ -98,12 +98,7 @@ def _profile(root, name, exe, args, steps, log):
             jax.block_until_ready(out)
             wall = time.perf_counter() - t0
         del out
-        for line in profiling.summarize(d, steps=steps, top=25, wall_s=wall):
-            log(line)
-        hlo = exe.as_text()
-        with open(d + ".hlo.txt", "w") as f:          # beside the trace: the fusions' bodies, for reading later
-            f.write(hlo)
-        for line in profiling.by_source(d, hlo, steps=steps, top=60):
+        for line in profiling.report(d, exe.as_text(), steps=steps, wall_s=wall):
             log(line)
     except Exception as e:  # noqa: BLE001 - profiling is a diagnostic; the measurement stands without it
         log(f"profile {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -216,11 +216,7 @@ def _one(cfg, flat, batch, name, args, out, peak):
                 t0 = time.perf_counter()
                 jax.block_until_ready(run())
                 wall = time.perf_counter() - t0
-            print("\n".join(profiling.summarize(d, steps=1, top=30, wall_s=wall)), flush=True)
-            hlo = compiled.as_text()
-            with open(d + ".hlo.txt", "w") as f:          # beside the trace, for reading the fusions later
-                f.write(hlo)
-            print("\n".join(profiling.by_source(d, hlo, steps=1, top=60)), flush=True)
+            print("\n".join(profiling.report(d, compiled.as_text(), steps=1, wall_s=wall, top=30)), flush=True)
         except Exception as e:  # noqa: BLE001 - a diagnostic; the measurement stands without it
             print(f"profile: {type(e).__name__}: {str(e)[:200]}", flush=True)
     # the optimizer update alone, on gradient-shaped inputs

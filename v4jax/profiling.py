@@ -169,3 +169,13 @@ def by_source(trace_dir: str, hlo_text: str, steps: int = 1, top: int = 40) -> l
             rows.append(f"  | {key} | {ns / 1e6 / steps:.3f} | {c[key] / steps:.1f} | {100 * ns / busy:.1f} | "
                         f"{ops[key][:40]} |")
     return rows
+
+
+def report(trace_dir: str, hlo_text: str, steps: int = 1, wall_s: float | None = None, top: int = 25,
+           top_sources: int = 60) -> list[str]:
+    """`summarize` then `by_source` for one traced program, with its HLO text written beside the trace
+    (`<trace_dir>.hlo.txt`: the fusions' bodies, for reading later)."""
+    with open(trace_dir.rstrip("/") + ".hlo.txt", "w") as f:
+        f.write(hlo_text)
+    return (summarize(trace_dir, steps=steps, top=top, wall_s=wall_s)
+            + by_source(trace_dir, hlo_text, steps=steps, top=top_sources))
