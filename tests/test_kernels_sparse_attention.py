@@ -249,3 +249,16 @@ def test_tpu_kernel_lowers_for_tpu():
     """Pallas -> Mosaic lowering at the Pro decode shape (no TPU needed; Mosaic's own compiler is not run)."""
     f = jax.jit(lambda q, kv, i, s: tpu.sparse_attention(q, kv, i, s, 512 ** -0.5))
     assert "tpu_custom_call" in export.export(f, platforms=["tpu"])(*_abstract(2, 1, 128, 512, 5000, 1152)).mlir_module()
+
+
+def test_launch_defaults_are_the_decode_launch_only_when_unpinned(monkeypatch):
+    """gpu.launch_defaults (the dispatch's and the bench's launch): at decode with neither heads_per_program nor
+    num_splits given, the sweep's single-pass launch (Flash 16 heads / 4 warps, Pro 64 / 8) where batch x heads
+    fill the GPU; a pinned value or a prefill keeps the caller's (warps default 4)."""
+    monkeypatch.setattr(gpu, "_num_sms", lambda: 132)
+    assert gpu.launch_defaults(64, 1, 64, 640, None, None, None) == (16, 4)
+    assert gpu.launch_defaults(64, 1, 128, 1152, None, None, None) == (64, 8)
+    assert gpu.launch_defaults(1, 1, 64, 640, None, None, None) == (None, 4)          # split path: defaults
+    assert gpu.launch_defaults(64, 1, 64, 640, None, 1, None) == (None, 4)            # num_splits pinned
+    assert gpu.launch_defaults(64, 1, 64, 640, 32, None, 8) == (32, 8)                # heads pinned
+    assert gpu.launch_defaults(1, 4096, 64, 640, None, None, None) == (None, 4)       # prefill
