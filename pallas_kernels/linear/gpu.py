@@ -76,7 +76,6 @@ FP8_BLOCK = 128                   # x_fp8: the activation quantisation block (qu
 GEMV_UNROLL = 1                   # GEMV steps loaded per loop iteration by default (the sweep: 2 was 5-17% slower)
 
 # fp32 bit patterns used by the in-kernel decodes (int32)
-_F32_2POW_M127 = 0x00400000       # 2^-127, an fp32 subnormal
 _F32_ABS = 0x7FFFFFFF
 _F32_SIGN = -(1 << 31)            # 0x80000000
 _F32_2POW_M6 = 121 << 23          # 2^-6: the smallest normal E4M3 magnitude
@@ -207,14 +206,15 @@ def fp8_sim_block(x: jax.Array) -> jax.Array:
     x / s computed as x * 2^-e (exact where the quotient is an fp32 normal; where not, both round to +-0); value q*s,
     exact (4 significant bits) in bf16. Finite x only: a block holding inf/NaN gives non-finite or meaningless
     values (under Triton the clip is NaN-ignoring), as fp8_sim's are non-finite, but not bit for bit."""
-    from v4jax.quant import FP8_AMAX_FLOOR, FP8_MAX, _ceil_log2, _exp2i      # lazy: v4jax imports pallas_kernels
+    from v4jax.quant import (FP8_AMAX_FLOOR, FP8_MAX, _F32_2POW_M127_BITS, _ceil_log2,   # lazy: v4jax
+                             _exp2i)                                               # imports pallas_kernels
     x = x.astype(f32)
     bits = jax.lax.bitcast_convert_type(x, i32)
     floor = int(np.float32(FP8_AMAX_FLOOR).view(np.int32))
     amax = jnp.maximum(jnp.max(bits & _F32_ABS, axis=-1, keepdims=True), floor)
     e = jnp.clip(_ceil_log2(jax.lax.bitcast_convert_type(amax, f32) * f32(1.0 / FP8_MAX)), -126, 127)
     s = _exp2i(e)
-    inv = jax.lax.bitcast_convert_type(jnp.where(e == 127, _F32_2POW_M127, (127 - e) << 23), f32)
+    inv = jax.lax.bitcast_convert_type(jnp.where(e == 127, _F32_2POW_M127_BITS, (127 - e) << 23), f32)
     return rne_e4m3(jnp.clip(x * inv, -448.0, 448.0)) * s
 
 
