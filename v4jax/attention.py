@@ -23,7 +23,7 @@ from pallas_kernels import indexer as indexer_kernels     # a module: pallas_ker
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import linear as skinny
 from pallas_kernels.grouped_matmul import grouped_matmul
-from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.sparse_attention import Layout, sparse_attention
 
 from . import compressor, indexer
 from .chunks import token_chunks
@@ -127,8 +127,10 @@ def _output(cfg: ModelConfig, p: dict, o: jax.Array, cos, sin) -> jax.Array:
     return linear_fp8(cfg, p["wo_b"], o.reshape(B, S, -1))
 
 
-def _attend(cfg: ModelConfig, p: dict, q, pool, idx):
-    return sparse_attention(q, pool, idx, p["attn_sink"].astype(f32), cfg.head_dim ** -0.5)
+def _attend(cfg: ModelConfig, p: dict, q, pool, idx, layout: Layout | None = None):
+    """layout: how prefill built idx (window band + compressed entries), so the backward can run as dense banded
+    matmuls (pallas_kernels.sparse_attention.banded_backward); None at decode and in traced-offset chunks."""
+    return sparse_attention(q, pool, idx, p["attn_sink"].astype(f32), cfg.head_dim ** -0.5, layout=layout)
 
 
 def _compressed_idx(cfg: ModelConfig, p: dict, m: int, x, qr, cos, sin, keys, n_visible, C: int, first):
@@ -193,7 +195,10 @@ def prefill(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, inv_freq, max_l
             tc = s0 + jnp.arange(c)
             cidx = _compressed_idx(cfg, p, m, xc, qr, cosc, sinc, keys, (tc + 1) // m, n, (dsc + m - 1) // m)
             idx = jnp.concatenate([idx, _offset(cidx, S)], axis=-1)
-        return _output(cfg, p, _attend(cfg, p, q, pool, idx), cosc, sinc)
+        layout = None           # the lists' structure, when the chunk's start is static (always in training)
+        if isinstance(s0, int):
+            layout = Layout(window=min(S, W), offset=s0, comp_start=S if n else None, ratio=m if s0 == 0 else 0)
+        return _output(cfg, p, _attend(cfg, p, q, pool, idx, layout), cosc, sinc)
 
     out = token_chunks(queries, q_chunk, x, cos, sin, doc_start)
     if max_len is None:
@@ -291,7 +296,7 @@ def _prefill_shard(cfg: ModelConfig, p: dict, layer: int, x, ds, inv_freq, s0, S
         cidx = _compressed_idx(cfg, p, m, x, qr, cos, sin, keys, n_visible, C, first)
         pool = jnp.concatenate([pool, entries], axis=1)
         idx = jnp.concatenate([idx, _offset(cidx, W - 1 + L)], axis=-1)
-    o = _attend(cfg, p, q, pool, idx)
+    o = _attend(cfg, p, q, pool, idx, Layout(window=W, offset=W - 1, comp_start=W - 1 + L if m else None))
     return _output(cfg, p, o, cos, sin), parts
 
 

@@ -7,7 +7,9 @@ import jax
 
 from .._backend import platform_backend
 
+from . import banded_backward as _banded
 from .backward import pool_backward, use_pool_backward
+from .banded_backward import Layout
 from .reference import sparse_attention as _reference
 
 BACKENDS = ("reference", "gpu", "tpu")
@@ -30,8 +32,8 @@ def _forward(q, kv, idx, sink, scale, backend):
     return tpu.sparse_attention(q, kv, idx, sink, scale, interpret=pltpu.InterpretParams() if on_cpu else False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _sparse_attention(q, kv, idx, sink, scale, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention(q, kv, idx, sink, scale, backend, layout):
     return _forward(q, kv, idx, sink, scale, backend)
 
 
@@ -40,14 +42,18 @@ def _kernel_backward(kv, idx, backend) -> bool:
     return backend == "gpu" and not use_pool_backward(kv.shape[1], idx.shape[-1])
 
 
-def _fwd(q, kv, idx, sink, scale, backend):
+def _fwd(q, kv, idx, sink, scale, backend, layout):
     out = _forward(q, kv, idx, sink, scale, backend)
-    # the kernel backward needs the output (D = sum dO * O); the other backward forms recompute what they need
-    return out, (q, kv, idx, sink, out if _kernel_backward(kv, idx, backend) else None)
+    # the banded and kernel backwards need the output (D = sum dO * O); the others recompute what they need
+    keep = layout is not None or _kernel_backward(kv, idx, backend)
+    return out, (q, kv, idx, sink, out if keep else None)
 
 
-def _bwd(scale, backend, res, g):
+def _bwd(scale, backend, layout, res, g):
     q, kv, idx, sink, out = res
+    if layout is not None:
+        dq, dkv, dsink = _banded.banded_backward(q, kv, idx, sink, out, g, scale, layout)
+        return dq, dkv, None, dsink
     if use_pool_backward(kv.shape[1], idx.shape[-1]):
         dq, dkv, dsink = pool_backward(q, kv, idx, sink, scale, g)
         return dq, dkv, None, dsink
@@ -64,7 +70,7 @@ def _bwd(scale, backend, res, g):
 _sparse_attention.defvjp(_fwd, _bwd)
 
 
-def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
+def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None, layout: Layout | None = None):
     """q [B,S,H,K], kv [B,N,K], idx [B,S,T] int32 (-1 = masked), sink [H] f32 -> [B,S,H,K].
 
     backend: None picks by platform ("gpu": Pallas/Triton kernel on NVIDIA GPUs, "tpu": Pallas Mosaic TPU kernel
@@ -76,6 +82,9 @@ def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
 
     Differentiable w.r.t. q, kv and sink through a jax.custom_vjp: the forward runs the chosen backend; the
     backward, for every backend but "reference", is
+      * banded_backward.banded_backward (dense matmuls over the window band and the compressed entries, no
+        atomics, deterministic) when the caller passes `layout`, its promise of how idx was built (`Layout`:
+        the model's prefill lists);
       * backward.pool_backward (dense matmuls over the pool with list multiplicities) when the pool is at most
         8x the list (`backward.use_pool_backward`);
       * on the "gpu" backend with a longer pool: the Pallas/Triton kernel of gpu_backward.py (per query row:
@@ -90,4 +99,4 @@ def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None):
         raise ValueError(f"sparse_attention: unknown backend {backend!r}; available: {BACKENDS}")
     if backend == "reference":
         return _reference(q, kv, idx, sink, scale)
-    return _sparse_attention(q, kv, idx, sink, float(scale), backend)
+    return _sparse_attention(q, kv, idx, sink, float(scale), backend, layout)
