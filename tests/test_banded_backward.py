@@ -48,25 +48,27 @@ def _ref_vjp(q, kv, idx, sink, g):
     return out, vjp(g)
 
 
-CASES = [  # (S, W, m, topk, block, chunk_elems, doc starts)
-    (45, 16, 4, 6, 8, None, ((1, 20),)),        # CSA-like, S not a multiple of the block, a second document
-    (45, 16, 4, 6, 8, 2000, ()),                # several query chunks (trimmed compressed widths)
-    (40, 16, 8, 5, 16, 1500, ((0, 9),)),        # HCA-like ratio, block = window
-    (37, 12, 0, 0, 8, None, ((1, 5),)),         # window only; window not a multiple of the block
-    (10, 16, 0, 0, 8, None, ()),                # S < window (width = S)
+CASES = [  # (S, W, m, topk, block, chunk_elems, max_groups, doc starts)
+    (45, 16, 4, 6, 8, None, 8, ((1, 20),)),     # CSA-like, S not a multiple of the block, a second document
+    (45, 16, 4, 6, 8, 2000, 8, ()),             # one sub-chunk per group, each its own compressed width
+    (45, 16, 4, 6, 8, 2000, 2, ((0, 30),)),     # groups of 3 sub-chunks (a scan), 2 widths
+    (40, 16, 8, 5, 16, 1500, 8, ((0, 9),)),     # HCA-like ratio, block = window
+    (37, 12, 0, 0, 8, 700, 8, ((1, 5),)),       # window only, scanned sub-chunks; window not a multiple of block
+    (10, 16, 0, 0, 8, None, 8, ()),             # S < window (width = S)
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_banded_backward_equals_reference_vjp_f32(case):
-    S, W, m, topk, block, chunk, docs = case
+    S, W, m, topk, block, chunk, groups, docs = case
     B, H, K = 2, 3, 32
     C = S // m if m else 0
     idx = _lists(jax.random.PRNGKey(7), B, S, W, m, topk, docs)
     q, kv, sink, g = _data(jnp.float32, B, S, H, K, S + C)
     out, want = _ref_vjp(q, kv, idx, sink, g)
     layout = Layout(window=min(S, W), comp_start=S if m else None, ratio=m)
-    got = bb.banded_backward(q, kv, idx, sink, out, g, 0.1, layout, block=block, chunk_elems=chunk)
+    got = bb.banded_backward(q, kv, idx, sink, out, g, 0.1, layout, block=block, chunk_elems=chunk,
+                             max_groups=groups)
     for w, h in zip(want, got):
         assert h.dtype == w.dtype and h.shape == w.shape
         np.testing.assert_allclose(np.asarray(h), np.asarray(w), atol=2e-6, rtol=1e-5)
@@ -120,6 +122,32 @@ def test_dispatch_uses_banded_backward_with_a_layout(monkeypatch):
     f = lambda a, b, c: jnp.sum(sparse_attention(a, b, idx, c, 0.1, backend="gpu", layout=layout) * g)
     got = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, kv, sink)
     assert calls == [layout]
+    _, want = _ref_vjp(q, kv, idx, sink, g)
+    for w, h in zip(want, got):
+        np.testing.assert_allclose(np.asarray(h), np.asarray(w), atol=2e-6, rtol=1e-5)
+
+
+def test_suits_keeps_the_dense_compressed_part_near_the_list_size():
+    """CSA at 8K (2048 entries, half visible on average, top-k 512) and HCA (lists hold every entry): banded;
+    CSA at 64K (16384 entries against top-k 512): the list-based backward."""
+    csa = lambda S: Layout(window=128, comp_start=S, ratio=4)
+    assert bb.suits(csa(8192), 8192 + 2048, 128 + 512)
+    assert not bb.suits(csa(65536), 65536 + 16384, 128 + 512)
+    assert bb.suits(Layout(window=128, comp_start=65536, ratio=128), 65536 + 512, 128 + 512)
+    assert bb.suits(Layout(window=128), 8192, 128)
+    assert not bb.suits(Layout(window=128, offset=127, comp_start=8192 + 127), 8192 + 127 + 8192, 128 + 512)
+
+
+def test_dispatch_falls_back_where_the_dense_part_does_not_suit(monkeypatch):
+    """A layout whose compressed pool is much wider than the lists: the list-based backward runs instead."""
+    S, W, m = 40, 8, 2
+    idx = _lists(jax.random.PRNGKey(4), 1, S, W, m, 2)
+    q, kv, sink, g = _data(jnp.float32, 1, S, 2, 32, S + S // m, seed=5)
+    layout = Layout(window=W, comp_start=S, ratio=m)
+    assert not bb.suits(layout, S + S // m, idx.shape[-1])
+    monkeypatch.setattr(bb, "banded_backward", lambda *a, **k: pytest.fail("banded backward used"))
+    f = lambda a, b, c: jnp.sum(sparse_attention(a, b, idx, c, 0.1, backend="gpu", layout=layout) * g)
+    got = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, kv, sink)
     _, want = _ref_vjp(q, kv, idx, sink, g)
     for w, h in zip(want, got):
         np.testing.assert_allclose(np.asarray(h), np.asarray(w), atol=2e-6, rtol=1e-5)

@@ -45,13 +45,14 @@ def _kernel_backward(kv, idx, backend) -> bool:
 def _fwd(q, kv, idx, sink, scale, backend, layout):
     out = _forward(q, kv, idx, sink, scale, backend)
     # the banded and kernel backwards need the output (D = sum dO * O); the others recompute what they need
-    keep = layout is not None or _kernel_backward(kv, idx, backend)
+    keep = (layout is not None and _banded.suits(layout, kv.shape[1], idx.shape[-1])) or _kernel_backward(kv, idx,
+                                                                                                        backend)
     return out, (q, kv, idx, sink, out if keep else None)
 
 
 def _bwd(scale, backend, layout, res, g):
     q, kv, idx, sink, out = res
-    if layout is not None:
+    if layout is not None and _banded.suits(layout, kv.shape[1], idx.shape[-1]):
         dq, dkv, dsink = _banded.banded_backward(q, kv, idx, sink, out, g, scale, layout)
         return dq, dkv, None, dsink
     if use_pool_backward(kv.shape[1], idx.shape[-1]):
@@ -84,7 +85,8 @@ def sparse_attention(q, kv, idx, sink, scale, *, backend: str | None = None, lay
     backward, for every backend but "reference", is
       * banded_backward.banded_backward (dense matmuls over the window band and the compressed entries, no
         atomics, deterministic) when the caller passes `layout`, its promise of how idx was built (`Layout`:
-        the model's prefill lists);
+        the model's prefill lists), and the dense compressed part is not much wider than the lists
+        (`banded_backward.suits`; e.g. CSA at 64K context falls through to the forms below);
       * backward.pool_backward (dense matmuls over the pool with list multiplicities) when the pool is at most
         8x the list (`backward.use_pool_backward`);
       * on the "gpu" backend with a longer pool: the Pallas/Triton kernel of gpu_backward.py (per query row:

@@ -16,8 +16,10 @@ matmuls that XLA runs on tensor cores, with no gather, no scatter of rows and no
   c < (i + 1) // ratio, and each chunk of queries multiplies only the entries its last query can see (half the
   work on average, causally).
 Both parts share one softmax (the max and normaliser over the whole list plus the sink). The dKV of a band is
-folded back onto the pool rows by kb + 1 block-shifted adds in a fixed order. Queries run in chunks (a Python
-loop: static shapes, so each chunk's compressed width is its own) of about `CHUNK_ELEMS` scores.
+folded back onto the pool rows by kb + 1 block-shifted adds in a fixed order. Queries run in sub-chunks of about
+`CHUNK_ELEMS` scores, a `lax.scan` over the sub-chunks of a group; the groups (at most `MAX_GROUPS`, a Python
+loop: static shapes) each have their own compressed width. The dispatch uses this form only where it `suits`:
+the dense compressed part grows with the context (CSA at 64K: ~16x the top-k) while the lists do not.
 
 The function and numerics are those of gpu_backward.py (p, dz rounded to the input dtype as matmul operands for
 bf16 inputs, fp32 everything else; D = sum dO * O from the forward's output; the VJP of the reference's bf16
@@ -38,7 +40,9 @@ import jax.numpy as jnp
 
 f32 = jnp.float32
 BLOCK = 64
-CHUNK_ELEMS = 1 << 26          # fp32 scores [B, chunk, H, band + compressed] per query chunk: 256 MB
+CHUNK_ELEMS = 1 << 26          # fp32 scores [B, chunk, H, band + compressed] per query sub-chunk: 256 MB
+MAX_GROUPS = 8                 # compressed widths (Python-loop groups of sub-chunks) per call
+DENSE_RATIO = 4                # `suits`: dense compressed part while <= this x the listed compressed entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +86,36 @@ def _counts(entries, width: int):
     return jnp.zeros((B, Q, width), f32).at[b, i, col].add(ok.astype(f32), mode="drop")
 
 
+def suits(layout: Layout, N: int, T: int) -> bool:
+    """Whether the banded form is the cheaper backward for a pool of N rows and lists of T entries: its compressed
+    part multiplies every entry a query may see (half of them on average with a causal `ratio`), so it is used
+    while that is at most DENSE_RATIO x the compressed entries the lists hold (top-k; HCA lists all of them).
+    Beyond (CSA at 64K context: 8192 visible entries on average against top-k 512) the list-based backward of
+    the dispatch does less work."""
+    Tw = min(layout.window, T)
+    if layout.comp_start is None or T == Tw:
+        return True
+    C = max(0, N - layout.comp_start)
+    return (C / 2 if layout.ratio else C) <= DENSE_RATIO * (T - Tw)
+
+
+def _group_bounds(n_sub: int, groups: int) -> list[tuple[int, int]]:
+    """Split n_sub sub-chunks into at most `groups` contiguous runs: [(first, end), ...]."""
+    g = max(1, min(n_sub, groups))
+    edges = [round(i * n_sub / g) for i in range(g + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def banded_backward(q, kv, idx, sink, out, g, scale: float, layout: Layout, *, block: int = BLOCK,
-                    chunk_elems: int | None = None):
+                    chunk_elems: int | None = None, max_groups: int = MAX_GROUPS):
     """(dq, dkv, dsink) of reference.sparse_attention for lists built as `layout` says.
 
     q [B,S,H,K], kv [B,N,K], idx [B,S,T] int32 (-1 masked), sink [H], out [B,S,H,K] = the forward's output,
-    g [B,S,H,K] = its cotangent -> dq (q.dtype), dkv (kv.dtype), dsink (sink.dtype)."""
+    g [B,S,H,K] = its cotangent -> dq (q.dtype), dkv (kv.dtype), dsink (sink.dtype).
+
+    Queries run in sub-chunks of Qc (a multiple of `block`; about `chunk_elems` fp32 scores each), `lax.scan`
+    over the sub-chunks of one group; at most `max_groups` groups (a Python loop), each multiplying the
+    compressed entries its last query can see (with a causal `ratio`; otherwise one group over all entries)."""
     B, S, H, K = q.shape
     N, T = kv.shape[1], idx.shape[-1]
     if T == 0 or S == 0:
@@ -103,37 +131,33 @@ def banded_backward(q, kv, idx, sink, out, g, scale: float, layout: Layout, *, b
     C = max(0, N - cs)
     Qb = block
     nbk = -(-S // Qb)
-    Sp = nbk * Qb
     kb = -(-Tw // Qb)
     band = (kb + 1) * Qb
     lo = layout.offset + 1 - kb * Qb          # pool row of band column 0 for query block 0
-    L = (nbk + kb) * Qb
-    blocks = _rows(kv, lo, L).astype(cd).reshape(B, nbk + kb, Qb, K)
+    per_block = max(1, (chunk_elems or CHUNK_ELEMS) // max(B * H * (band + C) * Qb, 1))   # blocks per sub-chunk
+    n_sub = -(-nbk // per_block)
+    Qc = -(-nbk // n_sub) * Qb                # sub-chunks of equal size, little padding
+    Sp = n_sub * Qc                           # queries padded to whole sub-chunks (padding lists are all -1)
+    blocks = _rows(kv, lo, (Sp // Qb + kb) * Qb).astype(cd).reshape(B, Sp // Qb + kb, Qb, K)
     kvc = kv[:, cs:].astype(cd)
     padq = lambda a: jnp.pad(a, ((0, 0), (0, Sp - S)) + ((0, 0),) * (a.ndim - 2)) if Sp > S else a
     qp, gp, op = padq(q.astype(cd)), padq(g.astype(cd)), padq(out)
     idxp = jnp.pad(idx, ((0, 0), (0, Sp - S), (0, 0)), constant_values=-1) if Sp > S else idx
     sinkf = sink.astype(f32)
+    nbc = Qc // Qb
 
-    per_query = B * H * (band + C)
-    Qc = max(Qb, (chunk_elems or CHUNK_ELEMS) // max(per_query, 1) // Qb * Qb)
-    dkv_band = jnp.zeros((B, nbk + kb, Qb, K), f32)
-    dkv_c = jnp.zeros((B, C, K), f32)
-    dsink = jnp.zeros((H,), f32)
-    dqs = []
-    for i0 in range(0, Sp, Qc):
-        i1 = min(Sp, i0 + Qc)
-        nq, b0, nbc = i1 - i0, i0 // Qb, (i1 - i0) // Qb
-        qc, gc = qp[:, i0:i1], gp[:, i0:i1]
-        ic = idxp[:, i0:i1]
-        Ci = C if not layout.ratio else min(C, i1 // layout.ratio)
-        # window band: [B, nbc, band, K] rows; counts [B, nq, band]
-        kvb = jnp.concatenate([blocks[:, b0 + u:b0 + u + nbc] for u in range(kb + 1)], axis=2)
-        first = lo + (i0 + jnp.arange(nq)) // Qb * Qb                                # pool row of column 0
+    def sub_chunk(i0, Ci):
+        """Gradients of queries [i0, i0 + Qc) (i0 traced): dq [B, Qc, H, K], band rows [B, nbc, band, K],
+        compressed rows [B, Ci, K], dsink [H]."""
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, i0, Qc, axis=1)
+        qc, gc, oc, ic = take(qp), take(gp), take(op), take(idxp)
+        kvb = jnp.concatenate([jax.lax.dynamic_slice_in_dim(blocks, i0 // Qb + u, nbc, axis=1)
+                               for u in range(kb + 1)], axis=2)                        # [B, nbc, band, K]
+        first = lo + (i0 + jnp.arange(Qc)) // Qb * Qb                                 # pool row of column 0
         iw = ic[..., :Tw]
         cnt_w = _counts(jnp.where(iw >= 0, iw - first[None, :, None], -1), band)
-        qb = qc.reshape(B, nbc, Qb, H, K)
-        z_w = dot("bnahk,bnck->bnahc", qb, kvb).reshape(B, nq, H, band) * scale
+        qb, gb = qc.reshape(B, nbc, Qb, H, K), gc.reshape(B, nbc, Qb, H, K)
+        z_w = dot("bnahk,bnck->bnahc", qb, kvb).reshape(B, Qc, H, band) * scale
         z_w = jnp.where(cnt_w[:, :, None] > 0, z_w, -jnp.inf)
         m = jnp.max(z_w, axis=-1)
         if Ci:
@@ -143,7 +167,7 @@ def banded_backward(q, kv, idx, sink, out, g, scale: float, layout: Layout, *, b
             z_c = dot("bihk,bck->bihc", qc, kc) * scale
             z_c = jnp.where(cnt_c[:, :, None] > 0, z_c, -jnp.inf)
             m = jnp.maximum(m, jnp.max(z_c, axis=-1))
-        m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]                              # [B, nq, H, 1]
+        m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]                              # [B, Qc, H, 1]
         e_w = cnt_w[:, :, None] * jnp.exp(z_w - m)
         es = jnp.exp(sinkf[None, None, :, None] - m)
         den = jnp.sum(e_w, axis=-1, keepdims=True) + es
@@ -151,31 +175,53 @@ def banded_backward(q, kv, idx, sink, out, g, scale: float, layout: Layout, *, b
             e_c = cnt_c[:, :, None] * jnp.exp(z_c - m)
             den = den + jnp.sum(e_c, axis=-1, keepdims=True)
         inv = 1.0 / den
-        D = jnp.sum(gc.astype(f32) * op[:, i0:i1].astype(f32), axis=-1, keepdims=True)   # [B, nq, H, 1]
-        dsink = dsink - jnp.sum(D * es * inv, axis=(0, 1))[:, 0]
-        gb = gc.reshape(B, nbc, Qb, H, K)
+        D = jnp.sum(gc.astype(f32) * oc.astype(f32), axis=-1, keepdims=True)          # [B, Qc, H, 1]
+        dsink = -jnp.sum(D * es * inv, axis=(0, 1))[:, 0]
         p_w = e_w * inv
-        dp_w = dot("bnahk,bnck->bnahc", gb, kvb).reshape(B, nq, H, band)
-        dz_w = p_w * (dp_w - D)
+        dz_w = p_w * (dot("bnahk,bnck->bnahc", gb, kvb).reshape(B, Qc, H, band) - D)
         dz5, p5 = (a.reshape(B, nbc, Qb, H, band) for a in (dz_w, p_w))
-        dq = dot("bnahc,bnck->bnahk", dz5, kvb).reshape(B, nq, H, K)
-        rows = scale * dot("bnahc,bnahk->bnck", dz5, qb) + dot("bnahc,bnahk->bnck", p5, gb)   # [B, nbc, band, K]
-        rows = rows.reshape(B, nbc, kb + 1, Qb, K)
-        for u in range(kb + 1):                                 # fold the band onto its blocks, fixed order
-            dkv_band = dkv_band.at[:, b0 + u:b0 + u + nbc].add(rows[:, :, u])
+        dq = dot("bnahc,bnck->bnahk", dz5, kvb).reshape(B, Qc, H, K)
+        rows = scale * dot("bnahc,bnahk->bnck", dz5, qb) + dot("bnahc,bnahk->bnck", p5, gb)
+        rows_c = None
         if Ci:
             p_c = e_c * inv
-            dp_c = dot("bihk,bck->bihc", gc, kc)
-            dz_c = p_c * (dp_c - D)
+            dz_c = p_c * (dot("bihk,bck->bihc", gc, kc) - D)
             dq = dq + dot("bihc,bck->bihk", dz_c, kc)
-            dkv_c = dkv_c.at[:, :Ci].add(scale * dot("bihc,bihk->bck", dz_c, qc) + dot("bihc,bihk->bck", p_c, gc))
-        dqs.append(scale * dq)
+            rows_c = scale * dot("bihc,bihk->bck", dz_c, qc) + dot("bihc,bihk->bck", p_c, gc)
+        return scale * dq, rows, rows_c, dsink
+
+    groups = _group_bounds(n_sub, max_groups if layout.ratio and C else 1)
+    dqs, band_rows = [], []
+    dkv_c = jnp.zeros((B, C, K), f32)
+    dsink = jnp.zeros((H,), f32)
+    for a, b in groups:
+        Ci = C if not layout.ratio else min(C, b * Qc // layout.ratio)     # entries the group's last query sees
+
+        def body(carry, i, Ci=Ci):
+            acc_c, acc_s = carry
+            dq, rows, rows_c, ds = sub_chunk(i * Qc, Ci)
+            if Ci:
+                acc_c = acc_c + rows_c
+            return (acc_c, acc_s + ds), (dq, rows)
+
+        init = (jnp.zeros((B, Ci, K), f32), jnp.zeros((H,), f32))
+        (acc_c, ds), (dq, rows) = jax.lax.scan(body, init, jnp.arange(a, b))
+        dqs.append(jnp.moveaxis(dq, 0, 1).reshape(B, (b - a) * Qc, H, K))
+        band_rows.append(jnp.moveaxis(rows, 0, 1).reshape(B, (b - a) * nbc, band, K))
+        dsink = dsink + ds
+        if Ci:
+            dkv_c = dkv_c.at[:, :Ci].add(acc_c)
     dq = jnp.concatenate(dqs, axis=1)[:, :S]
-    # pool rows of the folded band: [lo, lo + L) (clipped to the pool); the compressed part: [cs, N)
+    # fold the bands onto the pool: band column u * Qb + a of query block n is band-slice row (n + u) * Qb + a
+    rows = jnp.concatenate(band_rows, axis=1).reshape(B, Sp // Qb, kb + 1, Qb, K)
+    nblk = Sp // Qb + kb
+    folded = jnp.zeros((B, nblk, Qb, K), f32)
+    for u in range(kb + 1):                                              # fixed order: deterministic
+        folded = folded.at[:, u:u + Sp // Qb].add(rows[:, :, u])
     dkv = jnp.zeros((B, N, K), f32)
-    a, b = max(lo, 0), min(lo + L, N)
+    a, b = max(lo, 0), min(lo + nblk * Qb, N)
     if b > a:
-        dkv = dkv.at[:, a:b].add(dkv_band.reshape(B, L, K)[:, a - lo:b - lo])
+        dkv = dkv.at[:, a:b].add(folded.reshape(B, nblk * Qb, K)[:, a - lo:b - lo])
     if C:
         dkv = dkv.at[:, cs:].add(dkv_c)
     return dq.astype(q.dtype), dkv.astype(kv.dtype), dsink.astype(sink.dtype)
