@@ -17,6 +17,8 @@ Methods (one jit each, time per call, the median of bench.time_fn):
   kernel     gpu_backward.sparse_attention_bwd at its default launch; with --sweep also the launch variants of
              SWEEP (heads per program, list block, K chunk, warps, stages); a variant that fails to compile
              (e.g. Triton out of shared memory) is reported as "fail" with the error's first line
+  banded     banded_backward.banded_backward with the lists' Layout (window band + causal compressed part, dense
+             XLA matmuls, no atomics; what `_bwd` runs for the model's prefill lists since session 10)
   forward    gpu.sparse_attention (the forward kernel), for scale
 Every method's results are checked against the exact gradient at the same (bf16-valued) inputs: pool_backward
 on fp32 copies (fp32 "highest" matmuls, no bf16 rounding anywhere); the column is max |diff| / max |exact| per
@@ -45,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.sparse_attention import backward as pool_bw  # noqa: E402
+from pallas_kernels.sparse_attention import banded_backward as bbw  # noqa: E402
 from pallas_kernels.sparse_attention import gpu as sa_gpu  # noqa: E402
 from pallas_kernels.sparse_attention import gpu_backward as gbw  # noqa: E402
 from pallas_kernels.sparse_attention.reference import sparse_attention as reference  # noqa: E402
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", default="16,64")
     ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--methods", default="reference,pool,kernel,forward")
+    ap.add_argument("--methods", default="reference,pool,kernel,banded,forward")
     ap.add_argument("--sweep", action="store_true", help="also time the kernel launch variants of SWEEP")
     ap.add_argument("--shrink", type=int, default=1,
                     help="divide S, K, the window and top-k by this (a CPU check: kernels run in interpret mode)")
@@ -108,8 +111,8 @@ def main(argv=None) -> int:
     log(f"device={jax.devices()[0].device_kind}  jax {jax.__version__}  interpret={interpret}  "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     res = []
-    log("| H | S | N | T | method | launch | ms | TFLOP/s | err vs exact: dq / dkv / dsink |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log("| H | S | N | T | method | launch | ms | TFLOP/s | err vs exact: dq / dkv / dsink | same bits twice |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
     scale = K ** -0.5
     for H in (int(h) for h in args.heads.split(",")):
         q, kv, idx, sink, g = make_inputs(S, H, Kd, W, TK, RATIO)
@@ -151,22 +154,30 @@ def main(argv=None) -> int:
                 f = jax.jit(lambda q, kv, idx, sink, g, kw=kw: gbw.sparse_attention_bwd(
                     q, kv, idx, sink, out, g, scale, interpret=interpret, **kw))
                 cases.append(("kernel", ",".join(f"{k}={v}" for k, v in kw.items()) or "default", f))
+        if "banded" in methods:
+            lay = bbw.Layout(window=W, comp_start=S, ratio=RATIO)
+            cases.append(("banded", f"suits={bbw.suits(lay, N, T)}", jax.jit(
+                lambda q, kv, idx, sink, g: bbw.banded_backward(q, kv, idx, sink, out, g, scale, lay))))
         for name, launch, fn in cases:
             try:
                 got = fn(q, kv, idx, sink, g)
+                again = fn(q, kv, idx, sink, g)
+                same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, again))
+                del again
                 e = err(got)
                 t = bench.time_fn(fn, [(q, kv, idx, sink, g)], min_samples=3, max_total_s=1.0)
             except Exception as ex:  # noqa: BLE001 - compile failures (resources) are results too
                 log(f"| {H} | {S} | {N} | {T} | {name} | {launch} | fail | | {type(ex).__name__}: "
-                    f"{str(ex).splitlines()[0][:120]} |")
+                    f"{str(ex).splitlines()[0][:120]} | |")
                 continue
-            res.append(dict(H=H, S=S, N=N, T=T, method=name, launch=launch, ms=t * 1e3, err=e))
-            log(f"| {H} | {S} | {N} | {T} | {name} | {launch} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {e} |")
+            res.append(dict(H=H, S=S, N=N, T=T, method=name, launch=launch, ms=t * 1e3, err=e, deterministic=same))
+            log(f"| {H} | {S} | {N} | {T} | {name} | {launch} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {e} | "
+                f"{'yes' if same else 'NO'} |")
             del got
         if "forward" in methods:
             t = bench.time_fn(fwd, [(q, kv, idx, sink)], min_samples=3, max_total_s=1.0)
             res.append(dict(H=H, S=S, N=N, T=T, method="forward", launch="", ms=t * 1e3, err=""))
-            log(f"| {H} | {S} | {N} | {T} | forward | | {t * 1e3:.2f} | {flops / 3 / t / 1e12:.1f} | |")
+            log(f"| {H} | {S} | {N} | {T} | forward | | {t * 1e3:.2f} | {flops / 3 / t / 1e12:.1f} | | |")
         del q, kv, idx, g, out, want
     if args.json:
         Path(args.json).write_text(json.dumps(dict(results=res, lines=lines), indent=1))
