@@ -17,10 +17,10 @@ Sizes (`--size`): "1b" is a V4-shaped model of ~1.2 B parameters (~0.3 B active)
 indexer, HCA), 2 hash layers, mHC with 4 streams, MTP, 32 experts top-4, head_dim 512 (448 + 64 RoPE), vocab 32K;
 "tiny" is the tiny preset (a CPU smoke check of this script).
 
-Status (2026-11-22, session 5): H100 at --size 1b: AdamW 181 ms/step (45.3K tokens/s, MFU 10.7%), Muon 323 ms
-(bf16 Newton-Schulz 146 ms); at --batch 32 --grad-accum 16 Muon costs +5% over AdamW (NS 6.2% of the step). The fp32
-SIMT GEMMs of session 4 were the backward of the bf16 linears (now `layers.act_einsum`; `scripts/list_f32_dots.py`).
-Scaling on 2 x H200 (`--meshes "1;expert=2;seq=2"`, AdamW): 159.5 / 170.1 / 138.8 ms (docs/benchmarks.md).
+Status (2026-11-23, session 10): H100 at --size 1b: AdamW 143.7 ms/step (57.0K tokens/s, MFU 13.5%), Muon
+282.6 ms (bf16 Newton-Schulz 145 ms); --batch 16 --grad-accum 8: AdamW MFU 14.5%, Muon +13% over AdamW (session 5:
++5% at --batch 32 --grad-accum 16). Scaling on 2 x H200 (`--meshes "1;expert=2;seq=2"`, AdamW, session 5): 159.5 /
+170.1 / 138.8 ms (docs/benchmarks.md).
 """
 from __future__ import annotations
 
