@@ -297,3 +297,47 @@ def test_split_dot_nt_matches_float64(x_bf16):
     assert len(dots) == (3 if x_bf16 else 7)
     with pytest.raises(TypeError):
         layers.split_dot_nt(x.astype(bf16), w)
+
+
+# ---- layers.lookup: a row gather whose gradient is a deterministic fp32 segmented sum --------------------------
+@pytest.mark.parametrize("dt", [f32, bf16])
+def test_lookup_values_and_gradient(dt):
+    """Forward = table[ids]; gradient = per-row fp32 sums of the cotangent rows (ids repeated, unsorted, some rows
+    never read), rounded once to the table's dtype: against a float64 numpy sum."""
+    rng = np.random.default_rng(3)
+    V, d = 37, 24
+    table = jnp.asarray(rng.standard_normal((V, d)), f32).astype(dt)
+    ids = jnp.asarray(rng.integers(0, V // 2, (3, 41)), jnp.int32).at[0, :9].set(5)    # repeats, rows unread
+    ct = jnp.asarray(rng.standard_normal((3, 41, d)) * 10.0 ** rng.integers(-3, 3, (3, 41, 1)), f32).astype(dt)
+    y, vjp = jax.vjp(layers.lookup, table, ids)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(table[ids], np.float32))
+    (dtab, _) = jax.jit(vjp)(ct)
+    assert dtab.dtype == dt and dtab.shape == (V, d)
+    want = np.zeros((V, d))
+    np.add.at(want, np.asarray(ids).reshape(-1), np.asarray(ct, np.float64).reshape(-1, d))
+    scale = np.zeros((V, d))
+    np.add.at(scale, np.asarray(ids).reshape(-1), np.abs(np.asarray(ct, np.float64)).reshape(-1, d))
+    got = np.asarray(dtab, np.float64)
+    rnd = 2.0 ** -8 if dt == bf16 else 0.0                       # one rounding to bf16 at the end
+    assert (np.abs(got - want) <= rnd * np.abs(want) + 64 * 2.0 ** -24 * scale).all()
+    assert (got[np.setdiff1d(np.arange(V), np.asarray(ids))] == 0).all()
+
+
+def test_embed_and_ape_gradients_have_no_scatter_add():
+    """The model's embedding and the compressor's ape gradients (the training step's last scatter-adds with
+    repeated indices, i.e. GPU atomics) go through layers.lookup: no scatter-add in their gradient programs."""
+    import v4jax
+    from v4jax import compressor, model
+    cfg = v4jax.ModelConfig.preset("tiny", quant_sim=False, compute_dtype="float32")
+    params = {"embed": {"weight": jnp.ones((cfg.vocab_size, cfg.dim), bf16)}}
+    tokens = jnp.zeros((2, 9), jnp.int32)
+    emb = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model._embed(cfg, p, tokens).astype(f32))))(params)
+    m, D = 4, 16
+    p = {"wkv": {"weight": jnp.ones((D, cfg.dim), bf16)}, "wgate": {"weight": jnp.ones((D, cfg.dim), bf16)},
+         "ape": jnp.ones((m, D), f32)}
+    x = jnp.ones((1, 9, cfg.dim), bf16)
+    ape = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(compressor._project({**p, "ape": a}, x, jnp.arange(9), m)[1])))(
+        p["ape"])
+    for jaxpr in (emb, ape):
+        assert "scatter-add" not in str(jaxpr) and "scatter_add" not in str(jaxpr)
+        assert "scatter" in str(jaxpr)               # the unique-index write of each row's total

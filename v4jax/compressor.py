@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import quant
 from .config import ModelConfig
-from .layers import act_dtype, apply_rope, linear_f32, rms_norm, rope_table
+from .layers import act_dtype, apply_rope, linear_f32, lookup, rms_norm, rope_table
 
 f32 = jnp.float32
 
@@ -24,7 +24,7 @@ f32 = jnp.float32
 def _project(p: dict, x: jax.Array, positions: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     """fp32 kv and score (with ape added by position within block) for tokens x [..., d]."""
     kv = linear_f32(p["wkv"], x)
-    score = linear_f32(p["wgate"], x) + p["ape"].astype(f32)[positions % m]
+    score = linear_f32(p["wgate"], x) + lookup(p["ape"].astype(f32), positions % m)     # deterministic gradient
     return kv, score
 
 

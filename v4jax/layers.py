@@ -132,6 +132,57 @@ def linear_f32(node: dict, x: jax.Array) -> jax.Array:
     return _linear(x if x.dtype == bf16 else x.astype(f32), node, f32)
 
 
+# ---- row lookups with a deterministic gradient ------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup(n_rows: int, table: jax.Array, ids: jax.Array) -> jax.Array:
+    return table[ids]
+
+
+def _lookup_fwd(n_rows, table, ids):
+    return table[ids], ids
+
+
+def _lookup_bwd(n_rows, ids, g):
+    """d table[v] = sum of g over the positions that read row v, in fp32, rounded once to g's dtype.
+
+    No scatter-add (XLA's GPU scatter-add of repeated indices is an atomic add: its summation order, hence its
+    last bits, changes from run to run): the positions are sorted by row (stable), a segmented inclusive scan
+    sums each row's run (`lax.associative_scan`: a fixed combination tree), and each run's total is written to
+    its row by a scatter of unique indices."""
+    d = g.shape[-1]
+    flat = ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True)
+    sid = flat[order]
+    gs = g.reshape(-1, d).astype(f32)[order]
+    change = sid[1:] != sid[:-1]
+    start = jnp.concatenate([jnp.ones((1,), bool), change])
+    last = jnp.concatenate([change, jnp.ones((1,), bool)])
+
+    def seg_sum(a, b):
+        (fa, va), (fb, vb) = a, b
+        return fa | fb, jnp.where(fb[..., None], vb, va + vb)
+
+    _, sums = jax.lax.associative_scan(seg_sum, (start, gs))
+    out = jnp.zeros((n_rows, d), f32).at[jnp.where(last, sid, n_rows)].set(sums, mode="drop")
+    return out.astype(g.dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids] for a 2-D table [V, d] and integer ids (any shape) -> [..., d], with a deterministic gradient.
+
+    The gradient of a plain gather is a scatter-add, which XLA runs with atomics on a GPU: the embedding's and the
+    compressor's `ape` gradients were the last run-to-run differences of the 1b training step once the attention
+    backward was banded (scripts/probe_train_determinism.py; XLA's global --xla_gpu_deterministic_ops=true fixes it
+    too, at +27% step time). Here each row's gradient is an fp32 sum in a fixed order (`_lookup_bwd`), rounded once
+    to the table's dtype -- for a bf16 table also more accurate than a bf16 scatter-add. Ids must be in [0, V)."""
+    if table.ndim != 2:
+        raise ValueError(f"lookup: table must be [V, d], got {table.shape}")
+    return _lookup(table.shape[0], table, ids)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """fp32 inside, weight multiplied in fp32, result in x's dtype."""
     xf = x.astype(f32)

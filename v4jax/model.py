@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from . import attention, losses
 from .config import ModelConfig
 from .hyper import hc_head, hc_post, hc_pre
-from .layers import act_dtype, linear_f32, linear_fp8, rms_norm, rope_inv_freq
+from .layers import act_dtype, linear_f32, linear_fp8, lookup, rms_norm, rope_inv_freq
 from .moe import moe
 from .quant import round_to
 from .chunks import PREFILL_TOKENS, rows_per_chunk, token_chunks
@@ -91,7 +91,7 @@ def _block_decode(cfg: ModelConfig, p: dict, layer: int, X, token, pos, c):
 
 
 def _embed(cfg: ModelConfig, params: dict, tokens):
-    h = params["embed"]["weight"][tokens].astype(act_dtype(cfg))               # [B,S,D]
+    h = lookup(params["embed"]["weight"], tokens).astype(act_dtype(cfg))       # [B,S,D]; deterministic gradient
     X = jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (cfg.hc_mult, cfg.dim))
     return constrain(X, ("batch", "seq_len", None, None))
 
@@ -148,7 +148,7 @@ def mtp_forward(cfg: ModelConfig, params: dict, streams: jax.Array, next_tokens:
 
 
 def _mtp_input(cfg: ModelConfig, p: dict, params: dict, streams, next_tokens):
-    e = rms_norm(params["embed"]["weight"][next_tokens].astype(act_dtype(cfg)), p["enorm"]["weight"],
+    e = rms_norm(lookup(params["embed"]["weight"], next_tokens).astype(act_dtype(cfg)), p["enorm"]["weight"],
                  cfg.rms_norm_eps)
     h = rms_norm(streams.astype(act_dtype(cfg)), p["hnorm"]["weight"], cfg.rms_norm_eps)
     s = linear_fp8(cfg, p["e_proj"], e).astype(f32)[..., None, :] + linear_fp8(cfg, p["h_proj"], h).astype(f32)
