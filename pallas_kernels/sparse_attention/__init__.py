@@ -42,17 +42,22 @@ def _kernel_backward(kv, idx, backend) -> bool:
     return backend == "gpu" and not use_pool_backward(kv.shape[1], idx.shape[-1])
 
 
+def _banded_backward(kv, idx, layout) -> bool:
+    """The banded backward (banded_backward.py) serves every non-reference backend when the caller passed a layout
+    and the dense form suits the shapes."""
+    return layout is not None and _banded.suits(layout, kv.shape[1], idx.shape[-1])
+
+
 def _fwd(q, kv, idx, sink, scale, backend, layout):
     out = _forward(q, kv, idx, sink, scale, backend)
     # the banded and kernel backwards need the output (D = sum dO * O); the others recompute what they need
-    keep = (layout is not None and _banded.suits(layout, kv.shape[1], idx.shape[-1])) or _kernel_backward(kv, idx,
-                                                                                                        backend)
+    keep = _banded_backward(kv, idx, layout) or _kernel_backward(kv, idx, backend)
     return out, (q, kv, idx, sink, out if keep else None)
 
 
 def _bwd(scale, backend, layout, res, g):
     q, kv, idx, sink, out = res
-    if layout is not None and _banded.suits(layout, kv.shape[1], idx.shape[-1]):
+    if _banded_backward(kv, idx, layout):
         dq, dkv, dsink = _banded.banded_backward(q, kv, idx, sink, out, g, scale, layout)
         return dq, dkv, None, dsink
     if use_pool_backward(kv.shape[1], idx.shape[-1]):
