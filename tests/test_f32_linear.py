@@ -341,3 +341,14 @@ def test_embed_and_ape_gradients_have_no_scatter_add():
     for jaxpr in (emb, ape):
         assert "scatter-add" not in str(jaxpr) and "scatter_add" not in str(jaxpr)
         assert "scatter" in str(jaxpr)               # the unique-index write of each row's total
+
+
+def test_lookup_is_the_plain_gather_under_a_multi_device_mesh():
+    """Under a mesh of > 1 device the gradient is the gather's own (per-device scatter-add partials): the sort
+    would all-gather sequence-split cotangents (tests/test_sharding.py, context parallelism)."""
+    table, ids = jnp.ones((8, 4), f32), jnp.array([[1, 1, 3]])
+    grad = lambda: str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(layers.lookup(t, ids))))(table))
+    assert "scatter-add" not in grad()
+    mesh = jax.sharding.AbstractMesh((2,), ("data",))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert "scatter-add" in grad()

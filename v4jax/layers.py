@@ -177,10 +177,25 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     compressor's `ape` gradients were the last run-to-run differences of the 1b training step once the attention
     backward was banded (scripts/probe_train_determinism.py; XLA's global --xla_gpu_deterministic_ops=true fixes it
     too, at +27% step time). Here each row's gradient is an fp32 sum in a fixed order (`_lookup_bwd`), rounded once
-    to the table's dtype -- for a bf16 table also more accurate than a bf16 scatter-add. Ids must be in [0, V)."""
+    to the table's dtype -- for a bf16 table also more accurate than a bf16 scatter-add. Ids must be in [0, V).
+
+    Under a multi-device mesh (outside shard_map) it is the plain gather: the sort runs over all positions, so
+    with the tokens split over `seq` or `data` SPMD would all-gather the full-sequence cotangent first (caught by
+    tests/test_sharding.py's context-parallel test), while the scatter-add's per-device partials need only the
+    all-reduce of the table gradient that the gather's gradient has anyway."""
     if table.ndim != 2:
         raise ValueError(f"lookup: table must be [V, d], got {table.shape}")
+    if _sharded_mesh():
+        return table[ids]
     return _lookup(table.shape[0], table, ids)
+
+
+def _sharded_mesh() -> bool:
+    """Whether a mesh with a (non-manual) axis of size > 1 is set: arrays may be split over devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return False
+    return any(n > 1 for a, n in dict(mesh.shape).items() if a not in mesh.manual_axes)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
