@@ -31,19 +31,23 @@ def use_pool_backward(n_pool: int, list_len: int) -> bool:
     return n_pool <= POOL_RATIO * max(list_len, 64)
 
 
-def _counts(idx, n_pool):
-    """idx [S, T] -> [S, N] fp32 multiplicities (masked entries dropped)."""
-    S, T = idx.shape
-    valid = idx >= 0
-    rows = jnp.broadcast_to(jnp.arange(S)[:, None], (S, T))
-    return jnp.zeros((S, n_pool), f32).at[rows, jnp.where(valid, idx, n_pool)].add(valid.astype(f32), mode="drop")
+def counts(entries, width: int):
+    """entries [B, Q, J] int32 column numbers -> [B, Q, width] fp32 multiplicities (how many times each column is
+    listed per row); entries outside [0, width) (e.g. -1, masked) are ignored. A scatter of ones: exact in any
+    order. Used by pool_backward and banded_backward."""
+    B, Q, _ = entries.shape
+    ok = (entries >= 0) & (entries < width)
+    col = jnp.where(ok, entries, width)
+    b = jnp.arange(B)[:, None, None]
+    i = jnp.arange(Q)[None, :, None]
+    return jnp.zeros((B, Q, width), f32).at[b, i, col].add(ok.astype(f32), mode="drop")
 
 
 def _chunk_grads(q, kv, idx, g, sink, scale):
     """One batch row's query chunk: q [c,H,K], kv [N,K], idx [c,T], g [c,H,K] -> (dq [c,H,K], dkv [N,K] f32,
     dsink [H] f32)."""
     N = kv.shape[0]
-    cnt = _counts(idx, N)                                                             # [c, N]
+    cnt = counts(idx[None], N)[0]                                                     # [c, N]
     kvf = kv.astype(f32)
     z = jnp.einsum("chk,nk->chn", q.astype(f32), kvf, precision="highest") * scale
     z = jnp.where(cnt[:, None, :] > 0, z, -jnp.inf)

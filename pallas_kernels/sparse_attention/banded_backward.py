@@ -38,6 +38,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .backward import counts
+
 f32 = jnp.float32
 BLOCK = 64
 CHUNK_ELEMS = 1 << 26          # fp32 scores [B, chunk, H, band + compressed] per query sub-chunk: 256 MB
@@ -74,16 +76,6 @@ def _rows(a, lo: int, n: int):
     if front or back:
         a = jnp.pad(a, ((0, 0), (front, back)) + ((0, 0),) * (a.ndim - 2))
     return a[:, lo + front:lo + front + n]
-
-
-def _counts(entries, width: int):
-    """entries [B, Q, J] int32 column numbers (anything outside [0, width) is ignored) -> [B, Q, width] fp32 counts."""
-    B, Q, _ = entries.shape
-    ok = (entries >= 0) & (entries < width)
-    col = jnp.where(ok, entries, width)
-    b = jnp.arange(B)[:, None, None]
-    i = jnp.arange(Q)[None, :, None]
-    return jnp.zeros((B, Q, width), f32).at[b, i, col].add(ok.astype(f32), mode="drop")
 
 
 def suits(layout: Layout, N: int, T: int) -> bool:
@@ -155,14 +147,14 @@ def banded_backward(q, kv, idx, sink, out, g, scale: float, layout: Layout, *, b
                                for u in range(kb + 1)], axis=2)                        # [B, nbc, band, K]
         first = lo + (i0 + jnp.arange(Qc)) // Qb * Qb                                 # pool row of column 0
         iw = ic[..., :Tw]
-        cnt_w = _counts(jnp.where(iw >= 0, iw - first[None, :, None], -1), band)
+        cnt_w = counts(jnp.where(iw >= 0, iw - first[None, :, None], -1), band)
         qb, gb = qc.reshape(B, nbc, Qb, H, K), gc.reshape(B, nbc, Qb, H, K)
         z_w = dot("bnahk,bnck->bnahc", qb, kvb).reshape(B, Qc, H, band) * scale
         z_w = jnp.where(cnt_w[:, :, None] > 0, z_w, -jnp.inf)
         m = jnp.max(z_w, axis=-1)
         if Ci:
             icc = ic[..., Tw:]
-            cnt_c = _counts(jnp.where(icc >= 0, icc - cs, -1), Ci)
+            cnt_c = counts(jnp.where(icc >= 0, icc - cs, -1), Ci)
             kc = kvc[:, :Ci]
             z_c = dot("bihk,bck->bihc", qc, kc) * scale
             z_c = jnp.where(cnt_c[:, :, None] > 0, z_c, -jnp.inf)
