@@ -112,3 +112,93 @@ def test_model_prefill_scores_through_the_dispatch(monkeypatch):
     got = attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0]
     assert calls, "the prefill did not go through the indexer dispatch"
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# ---- top-k -----------------------------------------------------------------------------------------------------
+def _tied_scores(R, C, seed):
+    """bf16 scores with many ties, +0 and -0, and a few -inf (a score the reference keeps when visible)."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(-6, 40, (R, C)).astype(np.float32) * 0.25
+    zero = rng.random((R, C)) < 0.1
+    s = np.where(zero, np.where(rng.random((R, C)) < 0.5, 0.0, -0.0), s)
+    s = np.where(rng.random((R, C)) < 0.02, -np.inf, s)
+    return jnp.asarray(s).astype(jnp.bfloat16)
+
+
+def test_desc_keys_order_is_the_fp32_total_order_descending():
+    vals = np.array([np.nan, np.inf, 3.0, 1e-30, 0.0, -0.0, -1e-30, -2.5, -np.inf], np.float32)
+    keys = np.asarray(gpu.desc_keys(jnp.asarray(vals)))
+    assert (np.diff(keys) > 0).all() and keys.min() >= 0 and keys.max() < gpu.KEY_RANGE
+    assert keys[-1] == gpu.NEG_INF_KEY
+
+
+@pytest.mark.parametrize("case", [
+    # R, C, k, n_visible, first, launch options (small max_group: several groups and levels of them)
+    (3, 100, 10, [100, 50, 3], 0, {}),
+    (2, 300, 20, [300, 250], [0, 40], {}),                   # earlier documents hidden
+    (4, 40, 40, [40, 3, 0, 39], [0, 0, 0, 38], {}),          # k == C; an empty row; one visible entry
+    (2, 1000, 20, [1000, 999], [0, 5], dict(max_group=128)),  # three levels of groups
+    (1, 5000, 30, [4000], [77], dict(max_group=256, radix=4)),
+    (2, 77, 9, [77, 60], 0, dict(radix=16)),
+])
+def test_gpu_topk_interpret_equals_reference(case):
+    R, C, k, nv, first, kw = case
+    s = _tied_scores(R, C, seed=C + k)
+    nv, first = jnp.asarray(nv, jnp.int32), jnp.asarray(first, jnp.int32)
+    got = np.asarray(gpu.index_topk(s, nv, k, first, interpret=True, **kw))
+    want = np.asarray(reference.topk(s, nv, k, first))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gpu_topk_leading_dims_and_dispatch():
+    s = _tied_scores(6, 64, seed=3).reshape(2, 3, 64)              # [B, S, C] with per-query n_visible / first
+    nv = jnp.array([[10, 40, 64], [1, 2, 64]], jnp.int32)
+    first = jnp.array([[0, 8, 8], [0, 0, 60]], jnp.int32)
+    want = np.asarray(reference.topk(s, nv, 16, first))
+    np.testing.assert_array_equal(np.asarray(ix.index_topk(s, nv, 16, first, backend="gpu")), want)
+    np.testing.assert_array_equal(np.asarray(ix.index_topk(s, nv, 16, first)), want)      # CPU: the reference
+    # fp32 scores (compute_dtype="float32" models) take the reference on every backend
+    s32 = s.astype(jnp.float32) + 1e-3 * jnp.arange(64, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ix.index_topk(s32, nv, 16, first, backend="gpu")),
+                                  np.asarray(reference.topk(s32, nv, 16, first)))
+    with pytest.raises(TypeError, match="bf16"):
+        gpu.index_topk(s32, nv, 16, first, interpret=True)
+    with pytest.raises(ValueError, match="k=65"):
+        gpu.index_topk(s, nv, 65, first, interpret=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ix.index_topk(s, nv, 4, backend="nope")
+
+
+def test_model_prefill_topk_through_the_kernel(monkeypatch):
+    """A bf16 model's CSA prefill takes its top-k through pallas_kernels.indexer.index_topk: with the GPU kernel
+    forced (interpret mode) the layer output is bit-identical to the reference path's, and the kernel ran."""
+    from v4jax import attention, params as P, sharding as SH
+    from v4jax.config import ModelConfig
+    from v4jax.layers import rope_inv_freq
+    cfg = ModelConfig.preset("tiny")
+    layer = next(i for i in range(cfg.n_layers) if cfg.ratio(i) == 4)
+    sh = SH.param_shardings(cfg, SH.make_mesh({}), "bf16")           # jitted init (init_params is eager, ~10 s)
+    p = P.init_params_sharded(cfg, jax.random.key(0), sh, "bf16")["layers"][str(layer)]["attn"]
+    x = jax.random.normal(jax.random.key(1), (2, 64, cfg.dim), jnp.float32).astype(jnp.bfloat16)
+    run = lambda: jax.jit(lambda p, x: attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0])(p, x)
+    want = run()
+    calls = []
+    real, dispatch = gpu.index_topk, ix.index_topk     # attention.indexer_kernels is the module ix
+
+    def spy(s, *a, **k):
+        calls.append(s.dtype)
+        return real(s, *a, **k)
+    monkeypatch.setattr(gpu, "index_topk", spy)
+    monkeypatch.setattr(ix, "index_topk", lambda *a, **k: dispatch(*a, **k, backend="gpu"))
+    got = run()
+    assert calls == [jnp.bfloat16], calls
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_topk_groups_plan():
+    # prefill rows: one program per row; decode at 1M context: the first level fills the GPU, later ones do not split
+    assert gpu.topk_groups(8192, 2048, 512) == 2048
+    assert gpu.topk_groups(4096, 16384, 512) == 16384
+    assert gpu.topk_groups(4096, 32768, 512) == 16384
+    assert gpu.topk_groups(1, 262144, 512) == 2048
+    assert gpu.topk_groups(1, 65536, 512, first_level=False) == 16384

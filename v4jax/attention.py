@@ -144,7 +144,7 @@ def _compressed_idx(cfg: ModelConfig, p: dict, m: int, x, qr, cos, sin, keys, n_
         # KL loss (v4jax.losses.indexer_kl), which computes its scores separately.
         sg = jax.lax.stop_gradient
         scores = indexer_kernels.index_scores(sg(qI), sg(w), sg(keys))
-        return indexer.topk(scores, n_visible, min(cfg.index_topk, C), first)
+        return indexer_kernels.index_topk(scores, n_visible, min(cfg.index_topk, C), first)
     return all_entries_idx(n_visible, C, first)
 
 
@@ -450,7 +450,7 @@ def decode(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, pos: jax.Array, 
         if m == 4:
             qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
             s = indexer.cached_scores(cfg, qI, w, c["index_keys"])[:, 0]
-            cidx = indexer.topk(s, n_visible, min(cfg.index_topk, C))
+            cidx = indexer_kernels.index_topk(s, n_visible, min(cfg.index_topk, C))
         else:
             cidx = all_entries_idx(n_visible, C)
     if cfg.kv_cache_format == "bf16":     # the kernel gathers straight from [ring | compressed cache]

@@ -351,6 +351,21 @@ def check_kernels(log, threads: int = 8) -> bool:
 CHAIN = 16          # calls per timed dispatch
 
 
+# (rows, C, k) of the top-k table: decode (rows = batch) at 8K / 64K / 128K / 1M context, prefill (rows = queries)
+TOPK_SHAPES = ((1, 2048, 512), (64, 16384, 512), (64, 32768, 1024), (1, 262144, 512), (1, 262144, 1024),
+               (8192, 2048, 512), (4096, 16384, 512), (32768, 8192, 512))
+
+
+def topk_chain(f, n=CHAIN):
+    """jit-able (s, nv) -> n dependent calls of f(s, nv): each call's scores depend on the previous result (a select
+    XLA cannot fold), so the n calls run in sequence in one dispatch."""
+    def run(s, nv):
+        def body(_, acc):
+            return acc + jnp.sum(f(jnp.where(acc == -7, s * 2, s), nv)[..., :1])
+        return jax.lax.fori_loop(0, n, body, jnp.int32(0))
+    return run
+
+
 def _fmt(x, nd=1):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -772,6 +787,28 @@ def bench_kernels(args) -> int:
                         f"| {_fmt(tr / tk, 1) if (tr and tk) else '-'} | {_fmt(fl / tk / 1e12, 1) if tk else '-'} |")
             log(itab[-1])
 
+    # indexer top-k over bf16 scores: the kernel (pallas_kernels.indexer.gpu.index_topk) against jax.lax.top_k
+    ttab = ["| indexer top-k | rows | C | k | kernel us | lax.top_k us | x top_k | scores GB/s | % copy BW | same |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    if time.perf_counter() - t_start < args.time_budget:
+        for (R, C, kk) in (((2, 300, 20), (3, 64, 64)) if args.smoke else TOPK_SHAPES):
+            s = jax.random.normal(jax.random.PRNGKey(R + C), (R, C), jnp.float32).astype(jnp.bfloat16)
+            nv = jnp.full((R,), C, jnp.int32)
+            fk = lambda s, nv, kk=kk: ix.index_topk(s, nv, kk)
+            fr = lambda s, nv, kk=kk: ix.reference.topk(s, nv, kk)
+            tk, ek = _try_time(jax.jit(topk_chain(fk)), [(s, nv)])
+            tr, er = _try_time(jax.jit(topk_chain(fr)), [(s, nv)])
+            try:
+                same = "yes" if np.array_equal(np.asarray(jax.jit(fk)(s, nv)), np.asarray(jax.jit(fr)(s, nv))) else "NO"
+            except Exception as e:  # noqa: BLE001 - a benchmark reports
+                same = "OOM" if _is_oom(e) else "error"
+            tk, tr = (t / CHAIN if t else None for t in (tk, tr))
+            gbs = 2 * R * C / tk / 1e9 if tk else None
+            ttab.append(f"| | {R} | {C} | {kk} | {_fmt(tk * 1e6) if tk else ek} | {_fmt(tr * 1e6) if tr else er} | "
+                        f"{_fmt(tr / tk, 1) if (tr and tk) else '-'} | {_fmt(gbs, 0)} | "
+                        f"{_fmt(100 * gbs * 1e9 / bw, 0) if gbs else '-'} | {same} |")
+            log(ttab[-1])
+
     log("")
     log(f"roofline: device copy {bw / 1e9:.0f} GB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
         f"floor = max(bytes / copy BW, flops / matmul peak); decode timed as chains of {CHAIN} dependent calls")
@@ -783,7 +820,7 @@ def bench_kernels(args) -> int:
         log("")
     for t in table:
         log(t)
-    for t in itab:
+    for t in itab + ttab:
         log(t)
     if args.json:
         with open(args.json, "w") as f:

@@ -2,7 +2,9 @@
 
 index_scores: "gpu" (Pallas/Triton) on NVIDIA GPUs, "tpu" (Pallas Mosaic TPU) on TPUs, "reference" elsewhere;
 differentiable through a jax.custom_vjp whose backward is the reference's VJP.
-index_topk: jax.lax.top_k on every platform (no Pallas kernel: XLA's top-k is the one backend).
+index_topk: "gpu" (Pallas/Triton threshold select + a sort of the k survivors, gpu.index_topk) on NVIDIA GPUs
+for bf16 scores (the model's); the reference (jax.lax.top_k) for other score dtypes and on other platforms (no
+Mosaic TPU top-k yet: the GPU kernel's cumsum-and-scatter compaction has no Mosaic TPU counterpart here).
 """
 from __future__ import annotations
 
@@ -64,13 +66,20 @@ def index_scores(q, w, keys, *, backend: str | None = None):
 
 
 def index_topk(index_scores, n_visible, k: int, first=0, *, backend: str | None = None):
-    """Top-k visible entries (entry j visible iff first <= j < n_visible), sorted by score, -1 padded
-    -> int32 [..., k]. `first` > 0 hides earlier documents of a packed row (see v4jax.indexer.topk).
+    """Top-k visible entries (entry j visible iff first <= j < n_visible), sorted by score (equal scores by
+    ascending index), -1 padded -> int32 [..., k]. `first` > 0 hides earlier documents of a packed row (see
+    v4jax.indexer.topk). Integer output: nothing to differentiate.
 
-    One implementation on every platform (jax.lax.top_k); `backend` is accepted for symmetry and checked.
+    backend: None picks by platform; "gpu" runs the Pallas kernel for bf16 scores (interpret mode on CPU) -- the
+    same indices as the reference, ties included; "tpu" and "reference", and scores of other dtypes, run the
+    reference (jax.lax.top_k).
     """
-    if backend is not None and backend not in BACKENDS:
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
         raise ValueError(f"index_topk: unknown backend {backend!r}; available: {BACKENDS}")
+    if backend == "gpu" and index_scores.dtype == jax.numpy.bfloat16 and 0 < k <= index_scores.shape[-1]:
+        from . import gpu
+        return gpu.index_topk(index_scores, n_visible, k, first, interpret=jax.default_backend() == "cpu")
     if isinstance(first, int) and first == 0:
         return reference.topk(index_scores, n_visible, k)
     return reference.topk(index_scores, n_visible, k, first)

@@ -1,4 +1,4 @@
-"""Lightning-indexer scores for NVIDIA GPUs: Pallas with the Triton backend.
+"""Lightning-indexer scores and top-k for NVIDIA GPUs: Pallas with the Triton backend.
 
     I[b, t, c] = bf16( sum_h f32( bf16( w[b,t,h] * relu(bf16(q[b,t,h] . K[b,c])) ) ) )
 
@@ -7,10 +7,13 @@ query of the tile; per query the nI heads give the matmul its M dimension ([nI, 
 ReLU / weighting / head sum of the reference (reference.py) follow in registers. Heads below 16 are zero-padded
 (zero q and zero weight add exactly 0). The head sum runs in fp32 in a different order than XLA's reduction, so
 a score can differ from the reference by one bf16 rounding step on rare ties.
+
+The top-k (`index_topk`, below) selects over the bf16 scores as 16-bit keys, without sorting the row.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +71,139 @@ def index_scores(q, w, keys, *, block_q: int = 16, block_c: int = 128, num_warps
         name="index_scores_gpu",
     )(q, w.astype(q.dtype), keys)
     return out[:, :S, :C]
+
+
+# ---- top-k: a threshold select per row, then a sort of the k survivors ----------------------------------------
+# Index scores are bf16, so every score is a 16-bit key. `desc_keys` maps them to int32 keys 0..65535 whose
+# ascending order is the scores' descending fp32 total order (NaN first, +0 before -0, -inf last); invisible
+# entries get the key of -inf, padding PAD_KEY (after everything). jax.lax.top_k's result, the definition, is the
+# first k entries in (key, index) order.
+#
+# One program selects the k smallest (key, index) pairs of one group of a row, its keys held in registers:
+#   1. the threshold T: the smallest key with count(key <= T) >= k, by a search over the 17-bit key range that
+#      tests `radix` thresholds per step (radix 2, the default: bisection, 17 sums of compares; 4 and 16 measured
+#      no faster on an H100);
+#   2. compaction: every key < T, and the first k - count(key < T) keys == T in index order (a cumsum over the
+#      ties), written at their rank in index order (a cumsum over the selection) -- exactly k survivors, in
+#      ascending index order, as (key, position) pairs.
+# A group holds at most `max_group` entries. Longer rows -- and, at the first level, short batches of long rows,
+# to fill the GPU -- are cut into groups whose survivors (k per group, group-major, so still in ascending index
+# order) are selected again, until one group is left. The k survivors are then put in (key, rank) order by one
+# sort of [rows, k] int32 composite keys (key << bits(k) | rank); rank order is index order, so this is
+# (key, index) order: lax.top_k's, ties included.
+KEY_RANGE = 1 << 16          # bf16 keys are 0 .. 65535
+PAD_KEY = KEY_RANGE          # padding: after every real key
+TOPK_MAX_GROUP = 16384       # entries per program (more: another level of groups)
+TOPK_SMS = 132
+
+
+def desc_keys(scores):
+    """bf16 scores (any shape) -> int32 keys in [0, 65535]: ascending key = descending score (fp32 total order)."""
+    b = jax.lax.bitcast_convert_type(scores.astype(jnp.bfloat16), jnp.int16).astype(jnp.int32)
+    return 32767 - (b ^ ((b >> 15) & 0x7FFF))
+
+
+NEG_INF_KEY = 32767 - ((-128) ^ 0x7FFF)      # desc_keys(-inf): bf16 bits 0xFF80 = int16 -128
+
+
+def _select_kernel(nv_ref, first_ref, x_ref, key_ref, pos_ref, *, C: int, gsize: int, block: int, k: int,
+                   from_scores: bool, radix: int, clamp: bool):
+    """Program (r, g): the k smallest (key, index) entries of group g (columns g*gsize ..) of row r, in index
+    order, into key_ref / pos_ref[r, g*k : (g+1)*k]. Column G*k of the outputs is a scratch slot for lanes that
+    store nothing (interpret mode runs a masked store as a read-modify-write of every lane's address). clamp
+    (interpret mode): clamp the masked-off lanes' load addresses into the row (on a GPU they are not read, and
+    unclamped addresses keep the load contiguous)."""
+    r, g = pl.program_id(0), pl.program_id(1)
+    local = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+    j = g * gsize + local
+    inside = (local < gsize) & (j < C)
+    x = pltriton.load(x_ref.at[r, jnp.minimum(j, C - 1) if clamp else j], mask=inside, other=0)
+    if from_scores:
+        u = jnp.where((j >= first_ref[r]) & (j < nv_ref[r]), desc_keys(x), NEG_INF_KEY)
+    else:
+        u = x
+    u = jnp.where(inside, u, PAD_KEY)
+    count = lambda pred: jnp.sum(pred.astype(jnp.int32))
+
+    def narrow(_, lohi):          # T in [lo, hi]: test `radix` thresholds splitting the range, keep one part
+        lo, hi = lohi
+        step = (hi - lo) // radix + 1
+        thr = jnp.minimum(lo + (jax.lax.broadcasted_iota(jnp.int32, (radix,), 0) + 1) * step - 1, hi)
+        ge = jnp.sum((u[None, :] <= thr[:, None]).astype(jnp.int32), axis=1) >= k       # monotone in thr
+        return jnp.max(jnp.where(ge, lo, thr + 1)), jnp.min(jnp.where(ge, thr, hi))
+
+    steps = -(-(PAD_KEY + 1).bit_length() // (radix.bit_length() - 1))
+    t, _ = jax.lax.fori_loop(0, steps, narrow, (jnp.int32(0), jnp.int32(PAD_KEY)))
+    tie = (u == t).astype(jnp.int32)
+    take = (u < t) | ((tie == 1) & (jnp.cumsum(tie) - tie < k - count(u < t)))
+    ti = take.astype(jnp.int32)
+    at = jnp.where(take, g * k + jnp.cumsum(ti) - ti, pl.num_programs(1) * k)
+    pltriton.store(key_ref.at[r, at], u, mask=take)
+    pltriton.store(pos_ref.at[r, at], j, mask=take)
+
+
+def topk_groups(R: int, C: int, k: int, *, first_level: bool = True, max_group: int = TOPK_MAX_GROUP,
+                sms: int = TOPK_SMS) -> int:
+    """Entries per program for R rows of C entries: the whole row if it is at most max_group long (and, at the
+    first level, the rows alone give the GPU two programs per SM); else halved (a power of two) while it stays
+    >= 4k, so each level keeps at most half its entries."""
+    g = C
+    while g > 4 * k and (g > max_group or (first_level and R * -(-C // g) < 2 * sms)):
+        g = pl.next_power_of_2(g) // 2
+    return g
+
+
+def _select(x, nv, first, k: int, *, from_scores: bool, max_group: int, interpret: bool,
+            num_warps: int | None = None, radix: int = 2):
+    """x [R, C] (bf16 scores, or int32 keys) -> (keys, positions) [R, k] int32: the k smallest (key, index) entries
+    in index order (positions are column indices of x)."""
+    R, C = x.shape
+    gsize = topk_groups(R, C, k, first_level=from_scores, max_group=max_group)
+    G = -(-C // gsize)
+    block = pl.next_power_of_2(gsize)
+    keys, pos = pl.pallas_call(
+        functools.partial(_select_kernel, C=C, gsize=gsize, block=block, k=k, from_scores=from_scores,
+                          radix=radix, clamp=bool(interpret)),
+        grid=(R, G),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=[pl.no_block_spec] * 2,
+        out_shape=[jax.ShapeDtypeStruct((R, G * k + 1), jnp.int32)] * 2,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps or min(16, max(4, block // 1024)),
+                                                num_stages=1),
+        interpret=interpret,
+        name="index_topk_select_gpu",
+    )(nv, first, x)
+    keys, pos = keys[:, :G * k], pos[:, :G * k]
+    if G == 1:
+        return keys, pos
+    keys, sub = _select(keys, nv, first, k, from_scores=False, max_group=max_group, interpret=interpret,
+                        num_warps=num_warps, radix=radix)
+    return keys, jnp.take_along_axis(pos, sub, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "max_group", "num_warps", "radix", "interpret"))
+def index_topk(index_scores, n_visible, k: int, first=0, *, max_group: int = TOPK_MAX_GROUP,
+               num_warps: int | None = None, radix: int = 2, interpret: bool = False):
+    """The same function as reference.topk for bf16 scores: index_scores [..., C] bf16, n_visible and first
+    broadcastable to its leading shape -> int32 [..., k], the k highest visible scores' indices, highest first,
+    equal scores by ascending index, -1 where fewer than k entries are visible. k <= C."""
+    if index_scores.dtype != jnp.bfloat16:
+        raise TypeError(f"index_topk(gpu): bf16 index scores expected, got {index_scores.dtype}")
+    *lead, C = index_scores.shape
+    if not 0 < k <= min(C, 1 << 14):
+        raise ValueError(f"index_topk(gpu): k={k} must be in 1..min(C={C}, 16384)")
+    R = math.prod(lead)
+    if R == 0:
+        return jnp.zeros((*lead, k), jnp.int32)
+    x = index_scores.reshape(R, C)
+    nv = jnp.broadcast_to(jnp.asarray(n_visible, jnp.int32), tuple(lead)).reshape(R)
+    fs = jnp.broadcast_to(jnp.asarray(first, jnp.int32), tuple(lead)).reshape(R)
+    if radix < 2 or radix & (radix - 1):
+        raise ValueError(f"index_topk(gpu): radix={radix} must be a power of two >= 2")
+    keys, pos = _select(x, nv, fs, k, from_scores=True, max_group=max_group, interpret=interpret,
+                        num_warps=num_warps, radix=radix)
+    bits = max(1, (k - 1).bit_length())
+    order = jax.lax.sort((keys << bits) | jnp.arange(k, dtype=jnp.int32), dimension=-1) & ((1 << bits) - 1)
+    idx = jnp.take_along_axis(pos, order, axis=-1)
+    visible = (idx >= fs[:, None]) & (idx < nv[:, None])
+    return jnp.where(visible, idx, -1).reshape(*lead, k)
