@@ -128,6 +128,7 @@ def scores_with_ties(key, R, C, nvis):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of candidates to run (default: all)")
     a = ap.parse_args(argv)
     print(f"devices {jax.devices()}", flush=True)
     cands = {"top_k": topk_model, "sort16": topk_sort16, "sort32": topk_sort32, "two_level": topk_two_level,
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
         cands.update({"kernel radix 4": kernel_variant(radix=4), "kernel radix 16": kernel_variant(radix=16),
                       "kernel radix 4 w8": kernel_variant(radix=4, num_warps=8),
                       "kernel radix 4 g4096": kernel_variant(radix=4, max_group=4096)})
+    if a.only:
+        cands = {n: f for n, f in cands.items() if n in a.only.split(",")}
     bad = 0
     # correctness
     for R, C, k, nv in [(3, 2048, 512, [2048, 700, 100]), (2, 73728, 512, [73728, 65537]), (1, 4096, 1024, [1500]),
