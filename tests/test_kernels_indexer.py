@@ -93,14 +93,16 @@ def test_model_prefill_scores_through_the_dispatch(monkeypatch):
     """attention.prefill scores CSA entries through pallas_kernels.indexer.index_scores (the Pallas kernel on
     GPU/TPU; the jnp reference materialises [B, S, heads, C] fp32 scores -- 256 GiB at Flash size and 64K tokens):
     forcing the GPU kernel (interpret mode) gives the reference's prefill output and calls the kernel."""
-    from v4jax import attention, params as P
+    from v4jax import attention, params as P, sharding as SH
     from v4jax.config import ModelConfig
     from v4jax.layers import rope_inv_freq
     cfg = ModelConfig.preset("tiny", compute_dtype="float32", quant_sim=False)
     layer = next(i for i in range(cfg.n_layers) if cfg.ratio(i) == 4)
-    p = P.init_params(cfg, jax.random.key(0), "bf16")["layers"][str(layer)]["attn"]
+    sh = SH.param_shardings(cfg, SH.make_mesh({}), "bf16")           # jitted init (init_params is eager, ~10 s)
+    p = P.init_params_sharded(cfg, jax.random.key(0), sh, "bf16")["layers"][str(layer)]["attn"]
     x = jax.random.normal(jax.random.key(1), (1, 64, cfg.dim), jnp.float32)
-    want = attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0]
+    run = lambda: jax.jit(lambda p, x: attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0])(p, x)
+    want = run()
     calls = []
     real = gpu.index_scores
 
@@ -109,7 +111,7 @@ def test_model_prefill_scores_through_the_dispatch(monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(ix, "default_backend", lambda platform=None: "gpu")
     monkeypatch.setattr(gpu, "index_scores", spy)
-    got = attention.prefill(cfg, p, layer, x, rope_inv_freq(cfg, layer))[0]
+    got = run()
     assert calls, "the prefill did not go through the indexer dispatch"
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
