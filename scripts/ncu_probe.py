@@ -11,6 +11,7 @@ Cases (Flash shapes, the model's own calls and launches):
       `params.to_kernel_layout` gives), x FP8-representable (x_fp8: the FP8-dot decode launch), 1 / 32 tokens of
       top-6 routing; w2 [256, 4096, 2048] likewise.
   attn64: sparse attention decode, Flash B = 64, H = 64, K = 512, T = 640 entries per list, pool of 16K rows.
+  topk<R>x<C>: the indexer top-k kernel (k = 512) on R rows of C bf16 scores, e.g. topk4096x16384 (prefill at 64K).
 Each kernel runs 1 + --reps times (block_until_ready between). Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false:
 ncu saves and restores the device memory in use around every replayed kernel (JAX's preallocated pool: minutes).
 Without ncu it prints the per-call time of each (a sanity check of the script).
@@ -64,6 +65,15 @@ def attention(B: int, shrink: int):
     return [(f"attn{B}", f, (q, kv, idx, sink))]
 
 
+def topk(rows: int, C: int, shrink: int):
+    from pallas_kernels.indexer import gpu as ixg
+    R, C, k = rows // shrink, C // shrink, 512 // shrink
+    s = jax.random.normal(jax.random.key(3), (R, C), jnp.float32).astype(jnp.bfloat16)
+    nv = jnp.full((R,), C, jnp.int32)
+    f = jax.jit(lambda s, nv: ixg.index_topk(s, nv, k, interpret=CPU))
+    return [(f"topk{rows}x{C}", f, (s, nv))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="experts1,experts32,attn64")
@@ -76,6 +86,8 @@ def main(argv=None) -> int:
             jobs += experts(int(c[7:]), args.shrink)
         elif c.startswith("attn"):
             jobs += attention(int(c[4:]), args.shrink)
+        elif c.startswith("topk"):                                 # topk<rows>x<C>, k = 512
+            jobs += topk(*map(int, c[4:].split("x")), args.shrink)
         else:
             raise SystemExit(f"ncu_probe: unknown case {c!r}")
     for name, f, a in jobs:
