@@ -503,3 +503,15 @@ def test_fp8_fp4_rounding_matches_the_casts_bit_for_bit():
     x4 = np.clip(np.concatenate([x / 64, np.arange(-6, 6.0001, 0.125)]).astype(np.float32), -6, 6)
     want4 = np.asarray(jnp.asarray(x4).astype(jnp.float4_e2m1fn).astype(jnp.float32))
     np.testing.assert_array_equal(np.asarray(jax.jit(_round_e2m1)(x4)), want4)
+
+
+def test_hadamard_gemm_form_for_many_bf16_rows():
+    """From HADAMARD_GEMM_ROWS bf16 rows on, the transform is one bf16 GEMM with the Sylvester matrix: the butterfly's
+    values up to fp32 summation order (equal bits here: small integers sum exactly), and a GEMM in the program."""
+    n, rows = 128, Q.HADAMARD_GEMM_ROWS
+    xi = jnp.asarray(rng(7).integers(-8, 9, size=(rows, n)), jnp.bfloat16)
+    want = np.asarray(hadamard(xi.astype(jnp.float32)).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(bits(np.asarray(hadamard(xi))), bits(want))
+    hlo = jax.jit(Q.hadamard).lower(xi).as_text()
+    assert "dot_general" in hlo and "dot_general" not in jax.jit(Q.hadamard).lower(xi[:rows - 1]).as_text()
+    np.testing.assert_array_equal(np.abs(Q.sylvester(8) @ Q.sylvester(8).T), 8 * np.eye(8))

@@ -399,21 +399,27 @@ def sylvester(n: int) -> np.ndarray:
     return h
 
 
+HADAMARD_GEMM_ROWS = 8192     # bf16 inputs with at least this many rows take the GEMM form (decode: <= 64 x 64)
+
+
 def hadamard(x):
     """Sylvester-ordered Walsh-Hadamard transform of the last axis times 1/sqrt(n), fp32 inside, x.dtype out.
 
-    bf16 x (the model's indexer queries and keys): one bf16 GEMM with the +-1 matrix -- every product is exact and
-    the dot accumulates in fp32 -- then the fp32 scale and the rounding to bf16. Other dtypes: the fast butterfly
-    (log2 n stages) in fp32. The two differ only in fp32 summation order: on 537M random bf16 outputs 2.7e-7 of
-    them by one or two bf16 steps (scripts/probe_hadamard.py); the reference's CUDA kernel has an order of its own.
-    Why the GEMM: XLA fuses the butterfly's stacked stages into one loop fusion that costs 4.4x the GEMM at prefill
-    (H100, 16K tokens x 64 heads x 128: 2.67 ms against 0.60 ms). n must be a power of 2."""
+    bf16 x with at least HADAMARD_GEMM_ROWS rows (the model's indexer queries and keys at prefill): one bf16 GEMM
+    with the +-1 matrix -- every product is exact and the dot accumulates in fp32 -- then the fp32 scale and the
+    rounding to bf16. Otherwise (decode sizes, fp32): the fast butterfly (log2 n stages) in fp32. The two differ
+    only in fp32 summation order: on 537M random bf16 outputs 2.7e-7 of them by one or two bf16 steps
+    (scripts/probe_hadamard.py); the reference's CUDA kernel has an order of its own.
+    Why: XLA fuses the butterfly's stacked stages into one loop fusion, 4.4x slower than the GEMM at prefill (H100,
+    16K tokens x 64 heads x 128: 2.67 ms against 0.60 ms), but at decode that one fusion beats a GEMM call plus its
+    scaling kernel (6-layer Flash on an H100: 2.42 ms/token with the butterfly, 2.51 with the GEMM at one token).
+    n must be a power of 2."""
     x = jnp.asarray(x)
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard needs a power-of-two last axis, got {n}")
     scale = jnp.float32(1.0 / math.sqrt(n))
-    if x.dtype == jnp.bfloat16:
+    if x.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) >= HADAMARD_GEMM_ROWS:
         h = jnp.asarray(sylvester(n), jnp.bfloat16)
         y = jnp.einsum("...k,kn->...n", x, h, preferred_element_type=jnp.float32)
         return round_to(y * scale, x.dtype)
