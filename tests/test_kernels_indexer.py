@@ -116,6 +116,41 @@ def test_model_prefill_scores_through_the_dispatch(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def _fp4_rows(keys):
+    """The production cache's FP4 key rows (as v4jax.indexer.store_keys writes them) of bf16 keys [B, C, dI]."""
+    from v4jax import quant
+    packed, scale = quant.quantize_fp4_weight(keys, 32)
+    u8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8)
+    return jnp.concatenate([u8(packed), u8(scale)], axis=-1)
+
+
+def test_gpu_scores_of_fp4_cache_rows_equal_scores_of_their_keys():
+    """Decode scoring straight from the FP4 cache rows (decoded in the kernel's registers) gives exactly the kernel's
+    scores of the decoded bf16 keys, and the reference's up to the head-sum order; C not a multiple of the tile."""
+    q, w, keys = make_inputs(2, 1, 16, 300, seed=6)
+    rows = _fp4_rows(keys)
+    assert rows.dtype == jnp.uint8 and rows.shape == (2, 300, 68)
+    decoded = reference.fp4_rows_to_keys(rows)
+    np.testing.assert_array_equal(np.asarray(gpu.index_scores(q, w, rows, interpret=True), np.float32),
+                                  np.asarray(gpu.index_scores(q, w, decoded, interpret=True), np.float32))
+    _same(gpu.index_scores(q, w, rows, interpret=True), reference.cached_scores(q, w, rows))
+    with pytest.raises(ValueError, match="FP4 key rows of 67 bytes"):
+        gpu.index_scores(q, w, rows[..., :67], interpret=True)
+
+
+def test_cached_index_scores_dispatch():
+    q, w, keys = make_inputs(1, 1, 4, 100, seed=8)
+    rows = _fp4_rows(keys)
+    want = reference.scores(q, w, v4_indexer.fp4_rows_to_keys(rows))
+    np.testing.assert_array_equal(np.asarray(ix.cached_index_scores(q, w, rows)), np.asarray(want))   # CPU
+    np.testing.assert_array_equal(np.asarray(ix.cached_index_scores(q, w, keys)),
+                                  np.asarray(reference.scores(q, w, keys)))
+    _same(ix.cached_index_scores(q, w, rows, backend="gpu"), want)
+    _same(ix.cached_index_scores(q, w, rows, backend="tpu"), want)          # FP4 rows: the reference on TPU
+    with pytest.raises(ValueError, match="unknown backend"):
+        ix.cached_index_scores(q, w, rows, backend="nope")
+
+
 # ---- top-k -----------------------------------------------------------------------------------------------------
 def _tied_scores(R, C, seed):
     """bf16 scores with many ties, +0 and -0, and a few -inf (a score the reference keeps when visible)."""

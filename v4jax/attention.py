@@ -449,7 +449,7 @@ def decode(cfg: ModelConfig, p: dict, layer: int, x: jax.Array, pos: jax.Array, 
         C = c["comp"].shape[1]
         if m == 4:
             qI, w = indexer.queries(cfg, p["indexer"], x, qr, cos, sin)
-            s = indexer.cached_scores(cfg, qI, w, c["index_keys"])[:, 0]
+            s = indexer_kernels.cached_index_scores(qI, w, c["index_keys"])[:, 0]
             cidx = indexer_kernels.index_topk(s, n_visible, min(cfg.index_topk, C))
         else:
             cidx = all_entries_idx(n_visible, C)

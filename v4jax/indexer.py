@@ -51,14 +51,22 @@ def store_keys(cfg: ModelConfig, keys: jax.Array) -> jax.Array:
     return jnp.concatenate([u8(packed), u8(scale)], axis=-1)
 
 
+def fp4_rows_to_keys(rows: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """FP4 cache rows uint8 [..., dI/2 + dI/32] (packed e2m1 pairs, element 2i in the low nibble | UE8M0 scales per
+    32 values) -> keys [..., dI] in dtype (exact)."""
+    dI = rows.shape[-1] * 32 // 17
+    if dI // 2 + dI // 32 != rows.shape[-1]:
+        raise ValueError(f"FP4 key rows of {rows.shape[-1]} bytes: not dI/2 + dI/32 for any dI")
+    packed = jax.lax.bitcast_convert_type(rows[..., :dI // 2], jnp.int8)
+    scale = jax.lax.bitcast_convert_type(rows[..., dI // 2:], jnp.float8_e8m0fnu)
+    return quant.dequant_fp4_weight(packed, scale, dtype, 32)
+
+
 def load_keys(cfg: ModelConfig, rows: jax.Array) -> jax.Array:
     """Inverse of `store_keys`: cache rows [..., key_bytes] -> keys [..., dI] in the activation dtype (exact)."""
     if cfg.kv_cache_format == "bf16":
         return rows
-    dI = cfg.index_head_dim
-    packed = jax.lax.bitcast_convert_type(rows[..., :dI // 2], jnp.int8)
-    scale = jax.lax.bitcast_convert_type(rows[..., dI // 2:dI // 2 + dI // 32], jnp.float8_e8m0fnu)
-    return quant.dequant_fp4_weight(packed, scale, act_dtype(cfg), 32)
+    return fp4_rows_to_keys(rows, act_dtype(cfg))
 
 
 def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
@@ -68,12 +76,6 @@ def scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     s = r(jnp.einsum("bshd,bcd->bshc", q, keys, preferred_element_type=f32, precision="highest"))
     s = r(jax.nn.relu(s) * w.astype(f32)[..., None])
     return quant.round_to(jnp.sum(s, axis=2), dt)
-
-
-def cached_scores(cfg: ModelConfig, q: jax.Array, w: jax.Array, rows: jax.Array) -> jax.Array:
-    """`scores` against cached keys in the cache's storage format: every key is read anyway, so the FP4 keys are
-    dequantised inside this computation (elementwise, fused by XLA with the score einsum's operand)."""
-    return scores(q, w, load_keys(cfg, rows))
 
 
 def topk(index_scores: jax.Array, n_visible: jax.Array, k: int, first: jax.Array | int = 0) -> jax.Array:

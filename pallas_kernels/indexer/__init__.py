@@ -2,6 +2,7 @@
 
 index_scores: "gpu" (Pallas/Triton) on NVIDIA GPUs, "tpu" (Pallas Mosaic TPU) on TPUs, "reference" elsewhere;
 differentiable through a jax.custom_vjp whose backward is the reference's VJP.
+cached_index_scores: the decode's scoring against cached keys (bf16, or FP4 rows decoded inside the GPU kernel).
 index_topk: "gpu" (Pallas/Triton threshold select + a sort of the k survivors, gpu.index_topk) on NVIDIA GPUs
 for bf16 scores (the model's); the reference (jax.lax.top_k) for other score dtypes and on other platforms (no
 Mosaic TPU top-k yet: the GPU kernel's cumsum-and-scatter compaction has no Mosaic TPU counterpart here).
@@ -63,6 +64,19 @@ def index_scores(q, w, keys, *, backend: str | None = None):
     if backend == "reference":
         return reference.scores(q, w, keys)
     return _index_scores(q, w, keys, backend)
+
+
+def cached_index_scores(q, w, keys, *, backend: str | None = None):
+    """Decode scoring against the cache: q [B,S,nI,dI], w [B,S,nI], keys [B,C,dI] bf16 or the production cache's
+    FP4 rows (uint8 [B, C, dI/2 + dI/32]) -> [B,S,C] (q.dtype), the same function as reference.cached_scores.
+    "gpu": the scoring kernel, FP4 rows decoded in registers; "tpu": its kernel for bf16 keys, the reference for
+    FP4 rows; no gradient (inference only: the cache is not differentiated)."""
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"cached_index_scores: unknown backend {backend!r}; available: {BACKENDS}")
+    if backend == "reference" or (backend == "tpu" and keys.dtype == jax.numpy.uint8):
+        return reference.cached_scores(q, w, keys)
+    return _forward(q, w, keys, backend)
 
 
 def index_topk(index_scores, n_visible, k: int, first=0, *, backend: str | None = None):

@@ -25,8 +25,22 @@ from ._tiles import pad_to_tiles
 MIN_HEADS = 16
 
 
-def _kernel(q_ref, w_ref, k_ref, o_ref, *, tq: int):
-    keys = k_ref[...]                                                    # [tc, dI]
+def _fp4_keys(k_ref, C: int, tc: int, dI: int):
+    """The key tile [tc, dI] (bf16, exact) of program axis 2 from FP4 cache rows (uint8 [B, C, dI/2 + dI/32]:
+    packed e2m1 pairs, element 2i in the low nibble, then one UE8M0 code per 32 values), decoded in registers
+    with the grouped matmul's tile decode (codes 1..254; a stored key's are >= 1, quant.quantize_fp4_weight)."""
+    from pallas_kernels.grouped_matmul.gpu import fp4_decode_tile
+    b, j = pl.program_id(0), pl.program_id(2)
+    iota = lambda n: jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    r = jnp.minimum(j * tc + iota(tc), C - 1)[:, None]                 # rows past C: computed, sliced off
+    packed = k_ref[b, r, iota(dI // 2)[None, :]].astype(jnp.int32)     # [tc, dI/2]
+    codes = k_ref[b, r, (dI // 2 + iota(dI // 32))[None, :]].astype(jnp.int32)
+    lo, hi = fp4_decode_tile(packed, codes)                            # even / odd dims, bf16 [tc, dI/2] each
+    return jnp.stack([lo, hi], axis=-1).reshape(tc, dI)
+
+
+def _kernel(q_ref, w_ref, k_ref, o_ref, *, tq: int, fp4: tuple | None = None):
+    keys = _fp4_keys(k_ref, *fp4) if fp4 else k_ref[...]               # [tc, dI] bf16
 
     def body(t, c):
         q = q_ref[t]                                                     # [nI, dI]
@@ -43,9 +57,17 @@ def _kernel(q_ref, w_ref, k_ref, o_ref, *, tq: int):
 @functools.partial(jax.jit, static_argnames=("block_q", "block_c", "num_warps", "num_stages", "interpret"))
 def index_scores(q, w, keys, *, block_q: int = 16, block_c: int = 128, num_warps: int = 4, num_stages: int = 2,
                  interpret: bool = False):
-    """q [B,S,nI,dI], w [B,S,nI], keys [B,C,dI] -> [B,S,C] (q.dtype); same function as reference.scores."""
+    """q [B,S,nI,dI], w [B,S,nI], keys [B,C,dI] -> [B,S,C] (q.dtype); same function as reference.scores.
+
+    keys may also be the production cache's FP4 rows, uint8 [B, C, dI/2 + dI/32] (`v4jax.indexer.store_keys`):
+    each key tile is then decoded in registers (reference.cached_scores), so the decode reads 68 bytes per key
+    instead of writing and re-reading a bf16 copy of every key."""
     B, S, nI, dI = q.shape
     C = keys.shape[1]
+    fp4 = keys.dtype == jnp.uint8
+    if fp4 and keys.shape[2] != dI // 2 + dI // 32:
+        raise ValueError(f"index_scores(gpu): FP4 key rows of {keys.shape[2]} bytes, expected {dI // 2 + dI // 32} "
+                         f"for dI={dI}")
     if C == 0 or S == 0:
         return jnp.zeros((B, S, C), q.dtype)
     nIp = nI if interpret else max(nI, MIN_HEADS)
@@ -55,14 +77,16 @@ def index_scores(q, w, keys, *, block_q: int = 16, block_c: int = 128, num_warps
         w = jnp.pad(w, ((0, 0), (0, 0), (0, nIp - nI)))
     tq = min(block_q, S)
     tc = min(block_c, max(16, pl.next_power_of_2(C)))
-    q, w, keys, Sp, Cp = pad_to_tiles(q, w, keys, tq, tc)
+    q, w, padded, Sp, Cp = pad_to_tiles(q, w, keys, tq, tc)
+    if not fp4:
+        keys = padded                 # FP4 rows stay as stored (row index clamped in the kernel, not padded)
     out = pl.pallas_call(
-        functools.partial(_kernel, tq=tq),
+        functools.partial(_kernel, tq=tq, fp4=(C, tc, dI) if fp4 else None),
         grid=(B, Sp // tq, Cp // tc),
         in_specs=[
             pl.BlockSpec((None, tq, nIp, dI), lambda b, i, j: (b, i, 0, 0)),
             pl.BlockSpec((None, tq, nIp), lambda b, i, j: (b, i, 0)),
-            pl.BlockSpec((None, tc, dI), lambda b, i, j: (b, j, 0)),
+            pl.no_block_spec if fp4 else pl.BlockSpec((None, tc, dI), lambda b, i, j: (b, j, 0)),
         ],
         out_specs=pl.BlockSpec((None, tq, tc), lambda b, i, j: (b, i, j)),
         out_shape=jax.ShapeDtypeStruct((B, Sp, Cp), q.dtype),

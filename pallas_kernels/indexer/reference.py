@@ -6,6 +6,16 @@ visible entries, -1 padded).
 """
 from __future__ import annotations
 
-from v4jax.indexer import scores, topk
+import jax.numpy as jnp
 
-__all__ = ["scores", "topk"]
+from v4jax.indexer import fp4_rows_to_keys, scores, topk
+
+__all__ = ["scores", "topk", "fp4_rows_to_keys", "cached_scores"]
+
+
+def cached_scores(q, w, keys):
+    """`scores` against cached keys: bf16 keys [B, C, dI], or the production cache's FP4 rows (uint8
+    [B, C, dI/2 + dI/32], `v4jax.indexer.store_keys`), decoded exactly to q's dtype first."""
+    if keys.dtype == jnp.uint8:
+        keys = fp4_rows_to_keys(keys, q.dtype)
+    return scores(q, w, keys)
