@@ -22,3 +22,11 @@ def test_bench_full_runs_on_cpu(tmp_path):
     assert dec["step_bytes_GB"] > 0 and "production format" in dec["cache"]
     assert res["kv_bytes_per_token"] < res["kv_bytes_per_token_bf16"]
     assert "| decode B x ctx |" in r.stdout
+
+
+def test_case_lists_parse_or_name_the_bad_case():
+    from v4jax.bench_full import _parse_cases
+    assert _parse_cases("1x8K, 32x64k,1x1M,2x100") == [(1, 8192), (32, 65536), (1, 1 << 20), (2, 100)]
+    assert _parse_cases("") == []
+    with pytest.raises(ValueError, match="'8K'"):
+        _parse_cases("1x8K,8K")

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,14 +34,16 @@ from functools import partial
 
 
 def _parse_cases(s: str) -> list[tuple[int, int]]:
+    """"1x8K,32x64K" -> [(1, 8192), (32, 65536)]; "" -> []. A malformed case raises one ValueError naming it."""
     out = []
     for part in s.split(","):
         part = part.strip()
         if not part:
             continue
-        b, n = part.lower().split("x")
-        mult = {"k": 1024, "m": 1 << 20}.get(n[-1], 1)
-        out.append((int(b), int(n.rstrip("km")) * mult))
+        m = re.fullmatch(r"(\d+)x(\d+)([km]?)", part.lower())
+        if not m:
+            raise ValueError(f"bench full: case {part!r} is not BATCHxTOKENS (e.g. 1x8K, 32x64K, 1x1M)")
+        out.append((int(m[1]), int(m[2]) * {"k": 1024, "m": 1 << 20, "": 1}[m[3]]))
     return out
 
 
