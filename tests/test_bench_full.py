@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_full_runs_on_cpu(tmp_path):
     out = tmp_path / "full.json"
