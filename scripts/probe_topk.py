@@ -102,17 +102,6 @@ def kernel_variant(**kw):
     return fn
 
 
-def chained(fn, n=16):
-    """n dependent calls in one jit (each call's input depends on the previous result), so the time per call
-    excludes host dispatch."""
-    def run(s, nvis, k):
-        def body(i, acc):
-            x = jnp.where(acc == -7, s * 2, s)        # depends on the previous result: not hoisted
-            return acc + jnp.sum(fn(x, nvis, k)[..., :1])
-        return jax.lax.fori_loop(0, n, body, jnp.int32(0))
-    return run
-
-
 def topk_model(s, n_visible, k):
     return indexer.topk(s, n_visible, k)
 
@@ -171,7 +160,7 @@ def main(argv=None) -> int:
             if name == "sort32" and C > 65536:
                 row.append("-")
                 continue
-            t, err = bench._try_time(jax.jit(chained(fn), static_argnums=2), [(s, nvis, k)])
+            t, err = bench._try_time(jax.jit(bench.topk_chain(lambda x, nv, fn=fn, k=k: fn(x, nv, k))), [(s, nvis)])
             row.append(f"{t * 1e6 / 16:.1f}" if t else err)
         # the scores kernel at this shape: rows = B*S queries; decode (R <= 64) as B=R, S=1; prefill B=1, S=R
         B, S = (R, 1) if R <= 64 else (1, R)

@@ -216,14 +216,14 @@ def index_topk(index_scores, n_visible, k: int, first=0, *, max_group: int = TOP
     *lead, C = index_scores.shape
     if not 0 < k <= min(C, 1 << 14):
         raise ValueError(f"index_topk(gpu): k={k} must be in 1..min(C={C}, 16384)")
+    if radix < 2 or radix & (radix - 1):
+        raise ValueError(f"index_topk(gpu): radix={radix} must be a power of two >= 2")
     R = math.prod(lead)
     if R == 0:
         return jnp.zeros((*lead, k), jnp.int32)
     x = index_scores.reshape(R, C)
     nv = jnp.broadcast_to(jnp.asarray(n_visible, jnp.int32), tuple(lead)).reshape(R)
     fs = jnp.broadcast_to(jnp.asarray(first, jnp.int32), tuple(lead)).reshape(R)
-    if radix < 2 or radix & (radix - 1):
-        raise ValueError(f"index_topk(gpu): radix={radix} must be a power of two >= 2")
     keys, pos = _select(x, nv, fs, k, from_scores=True, max_group=max_group, interpret=interpret,
                         num_warps=num_warps, radix=radix)
     bits = max(1, (k - 1).bit_length())
