@@ -123,9 +123,8 @@ def main(argv=None) -> int:
     cands = {"top_k": topk_model, "sort16": topk_sort16, "sort32": topk_sort32, "two_level": topk_two_level,
              "kernel": topk_kernel, "kernel: select": select_only, "kernel: final sort": sort_only}
     if not a.quick:
-        cands.update({"kernel radix 4": kernel_variant(radix=4), "kernel radix 16": kernel_variant(radix=16),
-                      "kernel radix 4 w8": kernel_variant(radix=4, num_warps=8),
-                      "kernel radix 4 g4096": kernel_variant(radix=4, max_group=4096)})
+        cands.update({"kernel radix 4": kernel_variant(radix=4), "kernel g8192": kernel_variant(max_group=8192),
+                      "kernel g4096": kernel_variant(max_group=4096), "kernel g2048": kernel_variant(max_group=2048)})
     if a.only:
         cands = {n: f for n, f in cands.items() if n in a.only.split(",")}
     bad = 0
