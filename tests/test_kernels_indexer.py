@@ -233,9 +233,10 @@ def test_model_prefill_topk_through_the_kernel(monkeypatch):
 
 
 def test_topk_groups_plan():
-    # prefill rows: one program per row; decode at 1M context: the first level fills the GPU, later ones do not split
+    # prefill rows: programs of at most 4096 entries; decode at 1M context: the first level fills the GPU
     assert gpu.topk_groups(8192, 2048, 512) == 2048
-    assert gpu.topk_groups(4096, 16384, 512) == 16384
-    assert gpu.topk_groups(4096, 32768, 512) == 16384
+    assert gpu.topk_groups(4096, 16384, 512) == 4096 == gpu.TOPK_MAX_GROUP
+    assert gpu.topk_groups(4096, 16384, 512, max_group=16384) == 16384
     assert gpu.topk_groups(1, 262144, 512) == 2048
-    assert gpu.topk_groups(1, 65536, 512, first_level=False) == 16384
+    assert gpu.topk_groups(1, 65536, 512, first_level=False) == 4096
+    assert gpu.topk_groups(1, 65536, 4096, first_level=False) == 65536 // 4   # never below 4k
