@@ -117,11 +117,9 @@ def test_model_prefill_scores_through_the_dispatch(monkeypatch):
 
 
 def _fp4_rows(keys):
-    """The production cache's FP4 key rows (as v4jax.indexer.store_keys writes them) of bf16 keys [B, C, dI]."""
-    from v4jax import quant
-    packed, scale = quant.quantize_fp4_weight(keys, 32)
-    u8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8)
-    return jnp.concatenate([u8(packed), u8(scale)], axis=-1)
+    """The production cache's FP4 key rows of bf16 keys [B, C, dI] (v4jax.indexer.store_keys)."""
+    from v4jax.config import ModelConfig
+    return v4_indexer.store_keys(ModelConfig.preset("tiny", kv_cache_format="fp8"), keys)
 
 
 def test_gpu_scores_of_fp4_cache_rows_equal_scores_of_their_keys():

@@ -402,6 +402,14 @@ def sylvester(n: int) -> np.ndarray:
 HADAMARD_GEMM_ROWS = 8192     # bf16 inputs with at least this many rows take the GEMM form (decode: <= 64 x 64)
 
 
+def hadamard_gemm(x):
+    """`hadamard` of bf16 x as one bf16 GEMM with the +-1 Sylvester matrix (exact products, fp32 accumulation),
+    times 1/sqrt(n), rounded to bf16: the form `hadamard` takes from HADAMARD_GEMM_ROWS rows on."""
+    n = x.shape[-1]
+    y = jnp.einsum("...k,kn->...n", x, jnp.asarray(sylvester(n), jnp.bfloat16), preferred_element_type=jnp.float32)
+    return round_to(y * jnp.float32(1.0 / math.sqrt(n)), x.dtype)
+
+
 def hadamard(x):
     """Sylvester-ordered Walsh-Hadamard transform of the last axis times 1/sqrt(n), fp32 inside, x.dtype out.
 
@@ -418,11 +426,9 @@ def hadamard(x):
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard needs a power-of-two last axis, got {n}")
-    scale = jnp.float32(1.0 / math.sqrt(n))
     if x.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) >= HADAMARD_GEMM_ROWS:
-        h = jnp.asarray(sylvester(n), jnp.bfloat16)
-        y = jnp.einsum("...k,kn->...n", x, h, preferred_element_type=jnp.float32)
-        return round_to(y * scale, x.dtype)
+        return hadamard_gemm(x)
+    scale = jnp.float32(1.0 / math.sqrt(n))
     lead = x.shape[:-1]
     y = x.astype(jnp.float32)
     h = 1
