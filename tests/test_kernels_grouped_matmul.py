@@ -637,6 +637,43 @@ def test_gpu_kernel_fp4_halves_and_asm():
            _ref(x, node, gs), [3, 5], 8)
 
 
+def test_fp4_kernel_layout_tiles():
+    """quant.fp4_to_halves stores a weight with out % 128 == 0 in 4 KB tiles: the block of rows 128t..128t+127 and
+    bytes 32c..32c+31 of the halves is contiguous, blocks in (t, c) order; fp4_from_halves undoes it; tiles=False
+    keeps the untiled halves (A/B only); the dequantised weight is the same in every form."""
+    rng = np.random.default_rng(41)
+    w = jnp.asarray(rng.integers(-128, 128, (2, 256, 64)), jnp.int8)               # [E, O, K/2], K = 128
+    h, flat = quant.fp4_to_halves(w), quant.fp4_to_halves(w, tiles=False)
+    assert quant.fp4_tiled(h.shape) and not quant.fp4_tiled((2, 192, 64))
+    blocks = np.asarray(h).reshape(2, 2 * 2, 128, 32)                               # contiguous 4 KB blocks
+    for t, c in itertools.product(range(2), range(2)):
+        np.testing.assert_array_equal(blocks[:, 2 * t + c], np.asarray(flat)[:, 128 * t:128 * (t + 1), 32 * c:32 * (c + 1)])
+    np.testing.assert_array_equal(np.asarray(quant.fp4_from_halves(h)), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(quant.fp4_from_halves(flat, tiles=False)), np.asarray(w))
+    s = jnp.asarray(rng.integers(110, 130, (2, 256, 4)), jnp.uint8).view(jnp.float8_e8m0fnu)
+    np.testing.assert_array_equal(np.asarray(quant.dequant_fp4_weight(h, s, jnp.float32)),
+                                  np.asarray(quant.dequant_fp4_weight(w, s, jnp.float32)))
+
+
+def test_gpu_kernel_fp4_tiles_launches():
+    """The kernel reads the tiled layout at every out-tile width (block_n 64 and 128 inside one tile, 256 across
+    two, 96 with clamped columns) and the untiled halves with fp4_tiles=False; fp4_tiles on a layout without tiles
+    is an error."""
+    N, K, O, sizes = 12, 256, 384, [3, 0, 7, 2]
+    _, node, gs = _inputs(N, K, O, sizes, seed=43, fmt="fp4")
+    x = _fp8_x(N, K, seed=44)
+    ref = _ref(x, node, gs)
+    wt, wf = quant.fp4_to_halves(node["weight"]), quant.fp4_to_halves(node["weight"], tiles=False)
+    for bn in (64, 128, 256, 96):
+        for mma in ("fp8", "bf16"):
+            _check(gpu.grouped_matmul(x, wt, gs, node["scale"], block_n=bn, mma=mma, interpret=True), ref, sizes, N)
+    _check(gpu.grouped_matmul(x, wf, gs, node["scale"], mma="fp8", fp4_tiles=False, interpret=True), ref, sizes, N)
+    _, node2, gs2 = _inputs(8, 256, 64, [3, 5], fmt="fp4")
+    with pytest.raises(ValueError, match="fp4_tiles needs"):
+        gpu.grouped_matmul(x[:8], quant.fp4_to_halves(node2["weight"]), gs2, node2["scale"], fp4_tiles=True,
+                           interpret=True)
+
+
 def test_gpu_kernel_fp4_asm_lowers_for_cuda():
     """The inline-PTX decode (the halves layout's default) and the halves layout lower to
     Triton at the Flash shapes (decode and 8K rows)."""
@@ -645,7 +682,8 @@ def test_gpu_kernel_fp4_asm_lowers_for_cuda():
     w, s = jax.ShapeDtypeStruct((E, 2048, 2048), jnp.int8), jax.ShapeDtypeStruct((E, 2048, 128), jnp.float8_e8m0fnu)
     wh = jax.ShapeDtypeStruct(w.shape, jnp.uint8)
     for n, ww, kw in [(192, w, dict(mma="fp8")), (192, w, dict(mma="fp8", fp4_decode="e4m3")),
-                      (192, wh, dict(mma="fp8")), (6, wh, dict(mma="fp8", w_lhs=False)), (8192, wh, {})]:
+                      (192, wh, dict(mma="fp8")), (6, wh, dict(mma="fp8", w_lhs=False)), (8192, wh, {}),
+                      (192, wh, dict(mma="fp8", fp4_tiles=False))]:
         x = jax.ShapeDtypeStruct((n, 4096), jnp.bfloat16)
         mlir = _lower_cuda(lambda x, w, g, s: gpu.grouped_matmul(x, w, g, s, out_dtype=jnp.bfloat16, **kw),
                            x, ww, gs, s)

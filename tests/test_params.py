@@ -122,15 +122,17 @@ def test_kernel_layout_params(tmp_path):
     gone = sorted(set(flat) - set(kflat))
     assert {k.split(".ffn.")[1] for k in gone} == {f"{e}.{w}.{leaf}" for e in ("experts", "shared_experts")
                                                   for w in ("w1", "w3") for leaf in ("weight", "scale")}
-    for k in (k for k in gone if ".w1." in k):                 # w13 = [w1; w3] along out (halves layout for FP4)
-        j = kflat[k.replace(".w1.", ".w13.")]
+    tiled = 0
+    for k in (k for k in gone if ".w1." in k):                 # w13 = [w1; w3] along out (kernel layout for FP4:
+        j = kflat[k.replace(".w1.", ".w13.")]                  # the joined weight's halves, tiled by its rule)
         w1, w3 = flat[k], flat[k.replace(".w1.", ".w3.")]
         fp4 = k.endswith("weight") and quant.is_fp4(w1)
         conv = quant.fp4_to_halves if fp4 else (lambda a: a)
         assert j.dtype == (jnp.uint8 if fp4 else w1.dtype)
         axis = 1 if ".experts." in k else 0
-        np.testing.assert_array_equal(np.asarray(j), np.concatenate([np.asarray(conv(w1)), np.asarray(conv(w3))],
-                                                                    axis))
+        np.testing.assert_array_equal(np.asarray(j), np.asarray(conv(jnp.concatenate([w1, w3], axis))))
+        tiled += fp4 and quant.fp4_tiled(j.shape)
+    assert tiled        # the tiny preset's w13 [E, 2 * 64, d / 2] is stored in 128-row tiles
     changed = sorted(k for k in kflat if k in flat and kflat[k].dtype != flat[k].dtype)
     assert changed and all(k.endswith(".ffn.experts.w2.weight") for k in changed)
     assert all(kflat[k].dtype == jnp.uint8 for k in changed)

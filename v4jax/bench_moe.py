@@ -25,7 +25,8 @@ from v4jax import quant
 from v4jax.bench import _fmt, _is_oom, _try_time, line_logger, measure_copy_bw, measure_matmul_peak
 
 E, D, F, TOPK = 256, 4096, 2048, 6           # Flash: routed experts, hidden, expert intermediate, experts per token
-FORMATS = ("bf16", "fp8", "fp4", "fp4h", "fp8-mma", "fp4-mma", "fp4h-mma")   # fp4h: quant.fp4_to_halves layout
+# fp4h: the kernel layout (quant.fp4_to_halves: halves, 128-row tiles); fp4u: its halves without the tiles (A/B)
+FORMATS = ("bf16", "fp8", "fp4", "fp4h", "fp4u", "fp8-mma", "fp4-mma", "fp4h-mma", "fp4u-mma")
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -46,7 +47,8 @@ def weights(key, E, out, inp, fmt):
         return {"weight": w, "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
     w = jax.random.randint(k1, (E, out, inp // 2), -128, 128, jnp.int32).astype(jnp.int8)
     codes = jax.random.randint(k2, (E, out, inp // 32), 118, 124, jnp.int32).astype(jnp.uint8)
-    return {"weight": quant.fp4_to_halves(w) if fmt == "fp4h" else w,
+    w = quant.fp4_to_halves(w) if fmt == "fp4h" else quant.fp4_to_halves(w, tiles=False) if fmt == "fp4u" else w
+    return {"weight": w,
             "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
 
 
@@ -137,7 +139,8 @@ def bench_moe(args) -> int:
         return jax.jit(layer)
 
     def launch(cfg, fm):                         # "-mma" formats: the FP8 x FP8 dots
-        return dict(cfg, **({"mma": "fp8"} if fm.endswith("-mma") else {}))
+        return dict(cfg, **({"mma": "fp8"} if fm.endswith("-mma") else {}),
+                    **({"fp4_tiles": False} if base(fm) == "fp4u" else {}))
 
     def kernel_layer(cfg, fm="bf16"):
         return _kernel_layer(tuple(sorted(launch(cfg, fm).items())))
@@ -182,11 +185,12 @@ def bench_moe(args) -> int:
                           (128, 128, 128, 8, 3, True)],
                  "fp4h-mma": [(128, 128, 64, 4, 4, False), (128, 128, 128, 8, 3, False),
                               (256, 128, 128, 8, 3, True)],
+                 **{"fp4u": None, "fp4u-mma": None},                # the same grids as the tiled layout
                  "fp4-mma": [(128, 128, 64, 4, 4, False), (128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False),
                              (256, 128, 128, 8, 3, True)]}
         for fm in fmts:
             bt = None
-            for bm, bn, bk, nw, ns, lhs in grids[fm]:
+            for bm, bn, bk, nw, ns, lhs in grids[fm] or grids[fm.replace("fp4u", "fp4h")]:
                 if time.perf_counter() - t_start > args.time_budget * 0.4:
                     break
                 cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, w_lhs=lhs)
@@ -303,8 +307,8 @@ def add_parser(sub):
     k = sub.add_parser("moe", help="MoE grouped matmuls (ragged_dot vs Pallas kernel bf16/FP8/FP4 vs einsum)")
     k.add_argument("--tokens", default="1,2,4,8,16,32,64", help="comma list of token counts in K (x1024)")
     k.add_argument("--formats", default="bf16,fp8,fp4",
-                   help="kernel weight formats: bf16,fp8,fp4,fp4h (FP4 in the kernel layout) and fp8-mma,fp4-mma,"
-                        "fp4h-mma (FP8 x FP8 dots, mma='fp8')")
+                   help="kernel weight formats: bf16,fp8,fp4,fp4h (FP4 in the kernel layout), fp4u (its halves "
+                        "without the 128-row tiles) and fp8-mma,fp4-mma,fp4h-mma,fp4u-mma (FP8 x FP8 dots, mma='fp8')")
     k.add_argument("--tune-tokens", type=int, default=16384, help="token count of the launch sweep")
     k.add_argument("--no-tune", action="store_true", help="skip the launch-parameter sweep (kernel defaults)")
     k.add_argument("--no-ref", action="store_true", help="skip the ragged_dot reference")

@@ -202,25 +202,57 @@ def _f32_to_nibble(x):
     return idx | (sign << 3)
 
 
-def fp4_to_halves(packed):
+FP4_TILE_ROWS = 128    # rows of one tile of the kernel layout (see fp4_to_halves)
+
+
+def fp4_tiled(shape) -> bool:
+    """Whether a uint8 kernel-layout FP4 weight of this shape [..., out, in/2] is stored in 128-row tiles: exactly
+    when out is a multiple of FP4_TILE_ROWS (the rule every producer and reader of the layout applies)."""
+    return len(shape) >= 2 and shape[-2] % FP4_TILE_ROWS == 0
+
+
+def _tile_rows(b, tiles: bool):
+    """[..., O, n] bytes in row order -> 128-row tiles (tiles=True) or back: in the tiled order the 4 KB block of
+    rows 128t .. 128t + 127 and bytes 32c .. 32c + 31 (one 64-input group) is contiguous, blocks ordered (t, c)."""
+    *lead, O, n = b.shape
+    R = FP4_TILE_ROWS
+    if tiles:
+        return b.reshape(*lead, O // R, R, n // 32, 32).swapaxes(-3, -2).reshape(*lead, O, n)
+    return b.reshape(*lead, O // R, n // 32, R, 32).swapaxes(-3, -2).reshape(*lead, O, n)
+
+
+def fp4_to_halves(packed, tiles: bool | None = None):
     """Packed FP4 in the checkpoint's layout (int8 [..., n], byte k = elements (2k, 2k + 1)) -> the GPU decode
-    kernel's "halves" layout, marked by its dtype uint8: per 64 elements, byte i (0..31) = elements (i, 32 + i)
-    in its (low, high) nibble. The low nibbles of a 64-group's 32 bytes are then one whole 32-element scale block
-    and the high nibbles the next, which the kernel multiplies without interleaving nibbles
-    (pallas_kernels.grouped_matmul.gpu, FP8 x FP8 dots). Same bytes and size; n % 32 == 0."""
+    kernel's layout, marked by its dtype uint8. Same bytes and size; n % 32 == 0.
+
+    Halves: per 64 elements, byte i (0..31) = elements (i, 32 + i) in its (low, high) nibble. The low nibbles of
+    a 64-group's 32 bytes are then one whole 32-element scale block and the high nibbles the next, which the kernel
+    multiplies without interleaving nibbles (pallas_kernels.grouped_matmul.gpu, FP8 x FP8 dots).
+    Tiles: a weight [..., O, n] with O % 128 == 0 (`fp4_tiled`) is also stored in tiles of 128 rows x 32 bytes
+    (4 KB, one 64-input group of 128 outputs), contiguous in memory, ordered by (row tile, group): a kernel
+    program's K step reads whole 4 KB blocks instead of 32 bytes from each of 128 rows 2 KB apart.
+    `tiles=False` skips the tiling (only for A/B measurements of the untiled layout: every reader applies the
+    `fp4_tiled` rule, so such an array is read correctly only where a caller says so, e.g. the kernel's
+    `fp4_tiles=False`)."""
     *lead, n = packed.shape
     if packed.dtype != jnp.int8 or n % 32:
         raise ValueError(f"fp4_to_halves: int8 [..., n] with n % 32 == 0 expected, got {packed.dtype} {packed.shape}")
     b = lax.bitcast_convert_type(packed, jnp.uint8)
     nib = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*lead, n // 32, 2, 32)        # [.., group, half, i]
-    return (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(*lead, n)
+    h = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(*lead, n)
+    if fp4_tiled(h.shape) if tiles is None else tiles:
+        h = _tile_rows(h, True)
+    return h
 
 
-def fp4_from_halves(h):
-    """Inverse of `fp4_to_halves`: uint8 "halves" -> int8 in the checkpoint's layout."""
+def fp4_from_halves(h, tiles: bool | None = None):
+    """Inverse of `fp4_to_halves`: uint8 kernel layout (untiled first where `fp4_tiled`, or as `tiles` says) ->
+    int8 in the checkpoint's layout."""
     *lead, n = h.shape
     if h.dtype != jnp.uint8 or n % 32:
         raise ValueError(f"fp4_from_halves: uint8 [..., n] with n % 32 == 0 expected, got {h.dtype} {h.shape}")
+    if fp4_tiled(h.shape) if tiles is None else tiles:
+        h = _tile_rows(h, False)
     b = h.reshape(*lead, n // 32, 32)
     nib = jnp.stack([b & 15, b >> 4], axis=-2).reshape(*lead, n, 2)                   # natural element order
     return lax.bitcast_convert_type(nib[..., 0] | (nib[..., 1] << 4), jnp.int8)

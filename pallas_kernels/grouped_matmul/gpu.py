@@ -308,7 +308,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs"):
+            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs", fp4_tiles=False):
     xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
@@ -351,7 +351,14 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
     def halves_group(k0, h, transposed):
         """The h-th 64-column group of the K step in the halves layout: (low, high) e4m3 [bn, 32] (inputs
         k0 + 64h + 0..31 and + 32..63) and their scales, [bn, 1] each, or [1, bn] if transposed."""
-        lo, hi = _e4m3_of_nibbles(w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)], fp4_asm)
+        if fp4_tiles:                                                  # w_ref: [E, O * K/64, 32], 4 KB tiles
+            tb = ((j * bn) // 128 * (K // 64) + k0 // 64 + h) * 128    # the tile of this group and out tile
+            trows = tb + (j * bn) % 128 + iota(bn) if 128 % bn == 0 and O % bn == 0 else \
+                ((wcol // 128) * (K // 64) + k0 // 64 + h) * 128 + wcol % 128
+            b = w_ref[g, trows[:, None], iota(32)[None, :]]            # [bn, 32]: contiguous rows of 32 bytes
+        else:
+            b = w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)]
+        lo, hi = _e4m3_of_nibbles(b, fp4_asm)
         cb = k0 // 32 + 2 * h + iota(2)
         codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
         return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
@@ -484,12 +491,13 @@ def weight_format(w: jax.Array, scale: jax.Array | None) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "block_m", "block_n", "block_k",
                                              "num_warps", "num_stages", "w_lhs", "fp4_decode", "fp4_parity",
-                                             "split_k", "mma", "x_fp8", "interpret"))
+                                             "split_k", "mma", "x_fp8", "fp4_tiles", "interpret"))
 def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, out_dtype=f32,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, w_lhs: bool | None = None,
                    fp4_decode: str | None = None, fp4_parity: bool | str = False, split_k: int | None = None,
-                   mma: str | None = None, x_fp8: bool = False, interpret: bool = False):
+                   mma: str | None = None, x_fp8: bool = False, fp4_tiles: bool | None = None,
+                   interpret: bool = False):
     """x [N, in] bf16 sorted by group, w [E, out, in] (bf16; FP8 e4m3 with E8M0 scale [E, out/128, in/128];
     FP4 packed int8 [E, out, in/2] with E8M0 scale [E, out, in/32]), group_sizes [E] int32 -> [N, out] out_dtype.
 
@@ -519,6 +527,9 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     fp4_decode="asm" rewrites four packed bytes per PTX sequence (`_LOW_NIBBLES_E4M3_PTX`; interpret mode runs
     the same rewrite per element); None: "asm" for the halves layout, else "e4m3" (the int8 layout as measured
     before: with the PTX its 6-layer Flash decode at 32 tokens measured 14.9 ms against 13.8 ms, not isolated).
+    fp4_tiles (halves layout only): whether w is stored in 128-row x 64-input tiles of 4 KB (`quant.fp4_tiled`);
+    None: the layout's rule (out % 128 == 0); False reads an untiled halves array (`quant.fp4_to_halves(...,
+    tiles=False)`, for A/B measurements).
     """
     halves = w.dtype == jnp.uint8
     if not (fp4_decode is None or fp4_decode in FP4_DECODES):
@@ -583,8 +594,14 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     if not isinstance(split_k, int) or split_k < 1 or (K // bk) % split_k:
         raise ValueError(f"grouped_matmul(gpu): split_k={split_k!r} does not divide the {K // bk} K steps "
                          f"(in={K}, block_k={bk})")
+    if fp4_tiles is None:
+        from v4jax.quant import fp4_tiled
+        fp4_tiles = halves and fp4_tiled(w.shape)
+    if fp4_tiles and not (halves and O % 128 == 0):
+        raise ValueError(f"grouped_matmul(gpu): fp4_tiles needs the halves FP4 layout (uint8) with out % 128 == 0 "
+                         f"(got {w.dtype} {tuple(w.shape)})")
     meta = tile_map(group_sizes, N, bm)
-    args = [meta, x, w]
+    args = [meta, x, w.reshape(E, O * (K // 64), 32) if fp4_tiles else w]
     if fmt == "fp8":
         from v4jax.quant import e8m0_to_f32
         args.append(e8m0_to_f32(scale))
@@ -604,7 +621,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
                                transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
                                fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
                                split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
-                               fp4_layout="halves" if halves else "pairs")
+                               fp4_layout="halves" if halves else "pairs", fp4_tiles=bool(fp4_tiles))
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
