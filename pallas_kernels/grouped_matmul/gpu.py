@@ -132,7 +132,10 @@ DECODE_DEFAULTS = {"bf16": (16, 128, 64, 4, 4, True), "fp8": (16, 128, 128, 4, 3
 # bf16 dots (w1 346 -> 261 us, 873 -> 665 us), 6-11% at 1 token. With many rows per group (prefill) the per-32-column
 # scaling of the partial sums is 1.4-4x SLOWER than bf16 dots (bench moe), so mma="fp8" is never automatic there.
 DECODE_MMA_DEFAULTS = {"fp4": (16, 64, 128, 4, 3, False), "fp8": (16, 64, 128, 4, 3, False),
-                       "fp4h": (16, 128, 64, 4, 3, True)}
+                       "fp4h": (16, 128, 128, 4, 3, True)}
+# FP4 in the kernel layout (uint8, "fp4h": halves in 128-row tiles): block_k 128 (two 4 KB tiles per K step) is the
+# sweep's best at 32 tokens (H100, session 12: w13 641 us, w2 308 us = 69-71% of copy bandwidth, against 677 / 327
+# with block_k 64) and within 3-5 us of the best at 1 token (w13 57.8 us, w2 49.2 us at split 4). Before the tiles:
 # FP4 in the halves layout (uint8, "fp4h"): the FP8-dot decode launch is the sweep's best at 32 tokens (w1 607 us,
 # w2 525 us against 708 / 685 for the int8 layout's default; 55.6 / 65.0 us at 1 token); prefill as "fp4"
 DEFAULTS["fp4h"] = DEFAULTS["fp4"]
