@@ -364,16 +364,20 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
             b = w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)]
         lo, hi = _e4m3_of_nibbles(b, fp4_asm)
         if scale_tiles:                                                # s_ref: [E, O/128 * K/64 * 2, 128]
-            if 128 % bn == 0 and O % bn == 0:                          # the low / high codes: a contiguous run
-                srow = ((j * bn) // 128 * (K // 64) + k0 // 64 + h) * 2    # of bn bytes each, loaded as vectors
-                scol = (j * bn) % 128 + iota(bn)                       # (Triton lays them out as their use)
+            if 128 % bn == 0 and O % bn == 0:                          # the 2 x bn codes: two contiguous runs
+                srow = ((j * bn) // 128 * (K // 64) + k0 // 64 + h) * 2 + iota(2)
+                scol = (j * bn) % 128 + iota(bn)
             else:
-                srow = ((wcol // 128) * (K // 64) + k0 // 64 + h) * 2
-                scol = wcol % 128
-            sc = [_fp4_scale(s_ref[g, srow + i, scol].astype(jnp.int32)) for i in (0, 1)]     # [bn] each
-            return lo, hi, [c[None, :] if transposed else c[:, None] for c in sc]
-        cb = k0 // 32 + 2 * h + iota(2)
-        codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
+                srow = (((wcol // 128) * (K // 64) + k0 // 64 + h) * 2)[None, :] + iota(2)[:, None]    # [2, bn]
+                scol = (wcol % 128)[None, :]
+            if srow.ndim == 1:
+                codes = s_ref[g, srow[:, None], scol[None, :]] if transposed else s_ref[g, srow[None, :],
+                                                                                       scol[:, None]]
+            else:
+                codes = s_ref[g, srow, scol] if transposed else s_ref[g, srow.T, scol.T]
+        else:
+            cb = k0 // 32 + 2 * h + iota(2)
+            codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
         return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
 
     def weight_tile(k0):
