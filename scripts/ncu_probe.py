@@ -43,8 +43,7 @@ def experts(tokens: int, shrink: int):
         O, K = O // shrink, K // shrink
         w4, s4 = jax.jit(lambda kk: quant.quantize_fp4_weight(
             jax.random.normal(kk, (E, O, K), jnp.bfloat16) * 0.02))(jax.random.key(0))
-        w4h = jax.jit(quant.fp4_to_halves)(w4)                          # the kernel layout (params.to_kernel_layout)
-        s4 = jax.jit(quant.fp4_scale_to_tiles)(s4) if quant.fp4_tiled(w4h.shape) else s4
+        w4h = jax.jit(quant.fp4_to_halves)(w4)
         rng = np.random.default_rng(tokens)
         ids = np.stack([rng.choice(E, k, replace=False) for _ in range(tokens)]).reshape(-1)
         sizes = jnp.asarray(np.bincount(ids, minlength=E).astype(np.int32))

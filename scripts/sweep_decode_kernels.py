@@ -223,7 +223,6 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
             jax.random.normal(kk, (E, O, K), jnp.bfloat16) * 0.02))(key)
         w4h = jax.jit(quant.fp4_to_halves)(w4)                          # the same nibbles, kernel layout
         w4u = jax.jit(lambda w: quant.fp4_to_halves(w, tiles=False))(w4)   # its halves without the 128-row tiles
-        s4t = jax.jit(quant.fp4_scale_to_tiles)(s4)                      # the kernel layout's scales
         per_expert = O * K // 2 + O * K // 32
         for B in tokens:
             N = B * k
@@ -243,9 +242,8 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
             auto = gmg.decode_split_k(N, E, O, K, block_n=gmg.DECODE_DEFAULTS["fp4"][1],
                                       block_k=gmg.DECODE_DEFAULTS["fp4"][2], w_bytes=gmg.W_BYTES["fp4"]) \
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
-            cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="kernel"),   # the model's calls: int8, kernel
-                     dict(x_fp8=True, fp4_layout="halves"),                      # layout; weight tiles only;
-                     dict(x_fp8=True, fp4_layout="untiled", fp4_tiles=False)]      # no tiles
+            cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves"),   # the model's calls: int8, kernel
+                     dict(x_fp8=True, fp4_layout="untiled", fp4_tiles=False)]      # layout, and without tiles
                     if model_only
                     else grouped_configs(K, quick, auto, mma_only))                     # dots as before (A/B)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
@@ -262,10 +260,9 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 f = jax.jit(many)
                 tag = c or f"auto (DECODE_DEFAULTS, split_k={auto})"
                 try:
-                    w = {"kernel": w4h, "halves": w4h, "untiled": w4u}.get(c.get("fp4_layout"), w4)
-                    s = s4t if c.get("fp4_layout") == "kernel" else s4
-                    t = bench.time_fn(f, [(xs, gss, w, s)], min_samples=5, max_total_s=max_total_s) / REPS
-                    err = _rel(f(xs, gss, w, s)[1], ref)
+                    w = {"halves": w4h, "untiled": w4u}.get(c.get("fp4_layout"), w4)
+                    t = bench.time_fn(f, [(xs, gss, w, s4)], min_samples=5, max_total_s=max_total_s) / REPS
+                    err = _rel(f(xs, gss, w, s4)[1], ref)
                 except Exception as e:  # noqa: BLE001
                     log(f"| experts {name} | {B} | {tag} | {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
                     continue
@@ -274,7 +271,7 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                 kk = (name, B)
                 if err < 1e-3 and (kk not in best or t < best[kk][0]):
                     best[kk] = (t, tag)
-        del w4, w4h, w4u, s4, s4t
+        del w4, w4h, w4u, s4
     return best
 
 

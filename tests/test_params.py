@@ -127,22 +127,15 @@ def test_kernel_layout_params(tmp_path):
         j = kflat[k.replace(".w1.", ".w13.")]                  # the joined weight's halves, tiled by its rule)
         w1, w3 = flat[k], flat[k.replace(".w1.", ".w3.")]
         fp4 = k.endswith("weight") and quant.is_fp4(w1)
-        fp4_scale = k.endswith("scale") and quant.is_fp4(flat[k[:-6] + ".weight"])
-        conv = quant.fp4_to_halves if fp4 else quant.fp4_scale_to_tiles if fp4_scale else (lambda a: a)
+        conv = quant.fp4_to_halves if fp4 else (lambda a: a)
         assert j.dtype == (jnp.uint8 if fp4 else w1.dtype)
         axis = 1 if ".experts." in k else 0
         np.testing.assert_array_equal(np.asarray(j), np.asarray(conv(jnp.concatenate([w1, w3], axis))))
         tiled += fp4 and quant.fp4_tiled(j.shape)
-    assert tiled        # the tiny preset's w13 [E, 2 * 64, d / 2] is stored in 128-row tiles (and its scale)
+    assert tiled        # the tiny preset's w13 [E, 2 * 64, d / 2] is stored in 128-row tiles
     changed = sorted(k for k in kflat if k in flat and kflat[k].dtype != flat[k].dtype)
     assert changed and all(k.endswith(".ffn.experts.w2.weight") for k in changed)
     assert all(kflat[k].dtype == jnp.uint8 for k in changed)
-    tiled_scales = [k for k in kflat if k in flat and kflat[k].shape != flat[k].shape]   # w2's scale in tiles
-    assert all(k.endswith(".ffn.experts.w2.scale") and quant.fp4_tiled(kflat[k[:-6] + ".weight"].shape)
-               for k in tiled_scales)
-    assert all(np.array_equal(np.asarray(kflat[k]), np.asarray(quant.fp4_scale_to_tiles(flat[k])))
-               for k in tiled_scales)
-    changed += tiled_scales
     same = [k for k in kflat if k in flat and k not in changed]       # outside the FFN nodes: the same arrays;
     assert all(kflat[k] is flat[k] for k in same if ".ffn.experts." not in k and ".shared_experts." not in k)
     assert all(np.array_equal(np.asarray(kflat[k]), np.asarray(flat[k])) for k in same)   # inside: copies

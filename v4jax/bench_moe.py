@@ -25,8 +25,7 @@ from v4jax import quant
 from v4jax.bench import _fmt, _is_oom, _try_time, line_logger, measure_copy_bw, measure_matmul_peak
 
 E, D, F, TOPK = 256, 4096, 2048, 6           # Flash: routed experts, hidden, expert intermediate, experts per token
-# fp4h: the kernel layout (quant.fp4_to_halves: halves in 128-row tiles, scales in tiles); fp4u: its halves without
-# the tiles (A/B)
+# fp4h: the kernel layout (quant.fp4_to_halves: halves, 128-row tiles); fp4u: its halves without the tiles (A/B)
 FORMATS = ("bf16", "fp8", "fp4", "fp4h", "fp4u", "fp8-mma", "fp4-mma", "fp4h-mma", "fp4u-mma")
 
 
@@ -49,10 +48,8 @@ def weights(key, E, out, inp, fmt):
     w = jax.random.randint(k1, (E, out, inp // 2), -128, 128, jnp.int32).astype(jnp.int8)
     codes = jax.random.randint(k2, (E, out, inp // 32), 118, 124, jnp.int32).astype(jnp.uint8)
     w = quant.fp4_to_halves(w) if fmt == "fp4h" else quant.fp4_to_halves(w, tiles=False) if fmt == "fp4u" else w
-    scale = jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)
-    if fmt == "fp4h" and quant.fp4_tiled(w.shape):                   # the kernel layout: scales in tiles too
-        scale = quant.fp4_scale_to_tiles(scale)
-    return {"weight": w, "scale": scale}
+    return {"weight": w,
+            "scale": jax.lax.bitcast_convert_type(codes, jnp.float8_e8m0fnu)}
 
 
 # ---- on-device correctness ----------------------------------------------------------------------------

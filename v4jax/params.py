@@ -415,10 +415,7 @@ def _to_kernel_node(fuse_gate_up: bool):
                     out[f"w13.{leaf}"] = jnp.concatenate([out.pop(f"w1.{leaf}"), out.pop(f"w3.{leaf}")], axis)
             # joined first, converted after: the kernel layout's 128-row tiles are a rule on the whole weight
             is4 = lambda k: k in fp4 or (k == "w13.weight" and "w1.weight" in fp4)
-            out = {k: quant.fp4_to_halves(v) if is4(k) else v for k, v in out.items()}
-            for k in [k for k in out if is4(k) and quant.fp4_tiled(out[k].shape)]:     # and the scales with them
-                out[k[:-7] + ".scale"] = quant.fp4_scale_to_tiles(out[k[:-7] + ".scale"])
-            return {k: v if is4(k) else jnp.copy(v) for k, v in out.items()}
+            return {k: quant.fp4_to_halves(v) if is4(k) else jnp.copy(v) for k, v in out.items()}
         return fn
     return plan
 
@@ -431,10 +428,7 @@ def _to_checkpoint_node(base, lv):
     def fn(lv):
         out = {}
         for k, v in lv.items():
-            w = lv.get(k[:-6] + ".weight") if k.endswith(".scale") else None
-            if w is not None and w.dtype == jnp.uint8 and quant.fp4_scale_tiled(v.shape, w.shape):
-                v = quant.fp4_scale_from_tiles(v)                           # untiled before the split
-            v = quant.fp4_from_halves(v) if v.dtype == jnp.uint8 else v
+            v = quant.fp4_from_halves(v) if v.dtype == jnp.uint8 else v    # untiled before the split
             if k.startswith("w13."):
                 F = v.shape[axis] // 2
                 out["w1" + k[3:]] = jax.lax.slice_in_dim(v, 0, F, axis=axis)
@@ -449,8 +443,7 @@ def to_kernel_layout(params: dict, donate: bool = False, fuse_gate_up: bool = Tr
     """Native params -> the form the GPU serving kernels read best: every FP4 weight (the routed experts: int8 in
     the checkpoint's packing) in the "halves" layout (uint8, `quant.fp4_to_halves`: per 64 inputs one scale block
     in the low nibbles and the next in the high ones, so the FP8 x FP8 dots need no nibble interleave; where out
-    is a multiple of 128, stored in contiguous 4 KB tiles of 128 rows x 64 inputs, what one K step reads, and the
-    scales in tiles too, `quant.fp4_scale_to_tiles`), and each
+    is a multiple of 128, stored in contiguous 4 KB tiles of 128 rows x 64 inputs, what one K step reads), and each
     FFN's w1 and w3 (routed and shared experts) joined into one `w13` node (weight and scale along `out`: one
     kernel for both, x read once; not where `out` is split over devices; fuse_gate_up=False keeps them apart).
     Same bytes; every path of the model takes either form (the reference paths unpack the halves; the MoE splits

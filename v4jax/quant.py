@@ -258,35 +258,6 @@ def fp4_from_halves(h, tiles: bool | None = None):
     return lax.bitcast_convert_type(nib[..., 0] | (nib[..., 1] << 4), jnp.int8)
 
 
-def fp4_scale_to_tiles(scale):
-    """E8M0 scales [..., O, K/32] of a weight in 128-row tiles (`fp4_tiled`) -> the kernel layout's scale tiles
-    [..., O/128, (K/64) * 256]: per row tile, per 64-input group, the 128 rows' codes of the low-nibble block, then
-    of the high-nibble block, contiguous (256 bytes next to the group's 4 KB of weights in a K step). The shape
-    tells the two forms apart (`fp4_scale_tiled`)."""
-    *lead, O, nb = scale.shape
-    R = FP4_TILE_ROWS
-    if O % R or nb % 2:
-        raise ValueError(f"fp4_scale_to_tiles: scale [..., O, K/32] with O % {R} == 0 and K % 64 == 0 expected, got "
-                         f"{tuple(scale.shape)}")
-    t = scale.reshape(*lead, O // R, R, nb // 2, 2)                          # [.., tile, row, group, half]
-    return jnp.moveaxis(t, -3, -1).reshape(*lead, O // R, nb * R)            # [.., tile, (group, half, row)]
-
-
-def fp4_scale_from_tiles(tiles):
-    """Inverse of `fp4_scale_to_tiles`: [..., O/128, (K/64) * 256] -> [..., O, K/32]."""
-    *lead, T, n = tiles.shape
-    R = FP4_TILE_ROWS
-    if n % (2 * R):
-        raise ValueError(f"fp4_scale_from_tiles: [..., O/128, (K/64) * 256] expected, got {tuple(tiles.shape)}")
-    t = tiles.reshape(*lead, T, n // (2 * R), 2, R)
-    return jnp.moveaxis(t, -1, -3).reshape(*lead, T * R, n // R)
-
-
-def fp4_scale_tiled(scale_shape, w_shape) -> bool:
-    """Whether an FP4 weight's scale is in `fp4_scale_to_tiles`' form: [..., O/128, ...] against w [..., O, K/2]."""
-    return len(scale_shape) >= 2 and scale_shape[-2] * FP4_TILE_ROWS == w_shape[-2]
-
-
 def is_fp4(w) -> bool:
     """Whether a stored weight (with a scale) is packed FP4: int8 (checkpoint layout) or uint8 ("halves")."""
     return w.dtype in (jnp.int8, jnp.uint8)
@@ -360,10 +331,7 @@ def quantize_fp4_weight(w, block=32):
 
 
 def dequant_fp4_weight(packed, scale, dtype=jnp.bfloat16, block=32):
-    """W[..., i, j] = e2m1(nibble[i, j]) * 2**(E[i, j // block] - 127), exact in float32, then cast. The kernel
-    layout (uint8 weight, its scale in `fp4_scale_to_tiles`' form) is read as the same weight."""
-    if packed.dtype == jnp.uint8 and fp4_scale_tiled(scale.shape, packed.shape):
-        scale = fp4_scale_from_tiles(scale)
+    """W[..., i, j] = e2m1(nibble[i, j]) * 2**(E[i, j // block] - 127), exact in float32, then cast."""
     v = fp4_unpack(packed)
     inp = v.shape[-1]
     b = _blocks_last(v, block) * e8m0_to_f32(scale)[..., None]

@@ -311,8 +311,7 @@ def fp4_decode_tile(b, codes, decode="e4m3"):
 
 
 def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpose_w, w_lhs, fp4_decode="e4m3",
-            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs", fp4_tiles=False,
-            scale_tiles=False):
+            fp4_parity=False, split_k=1, mma="bf16", fp4_asm=False, fp4_layout="pairs", fp4_tiles=False):
     xs_ref = None
     if fmt == "bf16":
         s_ref, (o_ref,) = None, rest
@@ -363,21 +362,8 @@ def _kernel(meta_ref, x_ref, w_ref, *rest, E, N, K, O, bm, bn, bk, fmt, transpos
         else:
             b = w_ref[g, wc, kcols(k0 // 2 + 32 * h, 32)]
         lo, hi = _e4m3_of_nibbles(b, fp4_asm)
-        if scale_tiles:                                                # s_ref: [E, O/128 * K/64 * 2, 128]
-            if 128 % bn == 0 and O % bn == 0:                          # the 2 x bn codes: two contiguous runs
-                srow = ((j * bn) // 128 * (K // 64) + k0 // 64 + h) * 2 + iota(2)
-                scol = (j * bn) % 128 + iota(bn)
-            else:
-                srow = (((wcol // 128) * (K // 64) + k0 // 64 + h) * 2)[None, :] + iota(2)[:, None]    # [2, bn]
-                scol = (wcol % 128)[None, :]
-            if srow.ndim == 1:
-                codes = s_ref[g, srow[:, None], scol[None, :]] if transposed else s_ref[g, srow[None, :],
-                                                                                       scol[:, None]]
-            else:
-                codes = s_ref[g, srow, scol] if transposed else s_ref[g, srow.T, scol.T]
-        else:
-            cb = k0 // 32 + 2 * h + iota(2)
-            codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
+        cb = k0 // 32 + 2 * h + iota(2)
+        codes = s_ref[g, wcol[None, :], cb[:, None]] if transposed else s_ref[g, wc, cb[None, :]]   # [2,bn]/[bn,2]
         return lo, hi, jnp.split(_fp4_scale(codes.astype(jnp.int32)), 2, axis=0 if transposed else 1)
 
     def weight_tile(k0):
@@ -546,9 +532,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     before: with the PTX its 6-layer Flash decode at 32 tokens measured 14.9 ms against 13.8 ms, not isolated).
     fp4_tiles (halves layout only): whether w is stored in 128-row x 64-input tiles of 4 KB (`quant.fp4_tiled`);
     None: the layout's rule (out % 128 == 0); False reads an untiled halves array (`quant.fp4_to_halves(...,
-    tiles=False)`, for A/B measurements). The scale may be [E, out, in/32] or, with the halves layout, in
-    `quant.fp4_scale_to_tiles`' form [E, out/128, in/64 * 256] (told apart by its shape; what
-    `params.to_kernel_layout` stores): a K step's codes are then contiguous runs of 128 bytes too.
+    tiles=False)`, for A/B measurements).
     """
     halves = w.dtype == jnp.uint8
     if not (fp4_decode is None or fp4_decode in FP4_DECODES):
@@ -591,8 +575,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
     if group_sizes.shape != (E,):
         raise ValueError(f"grouped_matmul(gpu): group_sizes {group_sizes.shape} != ({E},)")
     want = {"fp8": (E, -(-O // 128), -(-K // 128)), "fp4": (E, O, K // 32)}.get(fmt)
-    scale_tiles = fmt == "fp4" and halves and O % 128 == 0 and tuple(scale.shape) == (E, O // 128, K // 64 * 256)
-    if want is not None and tuple(scale.shape) != want and not scale_tiles:
+    if want is not None and tuple(scale.shape) != want:
         raise ValueError(f"grouped_matmul(gpu): {fmt} scale {tuple(scale.shape)} does not match w {tuple(w.shape)} "
                          f"(expected {want})")
     if N == 0 or O == 0:
@@ -626,8 +609,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
         from v4jax.quant import e8m0_to_f32
         args.append(e8m0_to_f32(scale))
     elif fmt == "fp4":
-        codes = jax.lax.bitcast_convert_type(scale, jnp.uint8)
-        args.append(codes.reshape(E, O // 128 * (K // 64) * 2, 128) if scale_tiles else codes)
+        args.append(jax.lax.bitcast_convert_type(scale, jnp.uint8))
         if fp4_parity == "permuted" and mma == "bf16":   # per K step of bk columns: bk/2 even ones, then odd ones
             args[1] = x.reshape(N, K // bk, bk // 2, 2).swapaxes(2, 3).reshape(N, K)
         if halves and mma == "bf16":   # per 64 columns (0, 32, 1, 33, ..): the order of the joined nibble halves
@@ -642,8 +624,7 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
                                transpose_w=transpose_w, w_lhs=bool(w_lhs) and not transpose_w,
                                fp4_decode=fp4_decode, fp4_parity=fp4_parity if fmt == "fp4" else False,
                                split_k=split_k, mma=mma, fp4_asm=fp4_decode == "asm" and not interpret,
-                               fp4_layout="halves" if halves else "pairs", fp4_tiles=bool(fp4_tiles),
-                               scale_tiles=scale_tiles)
+                               fp4_layout="halves" if halves else "pairs", fp4_tiles=bool(fp4_tiles))
     split = split_k > 1
     out = pl.pallas_call(
         kernel,
