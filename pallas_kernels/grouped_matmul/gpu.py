@@ -66,6 +66,12 @@ Weights, [E, out, in] (checkpoint layout), decoded in registers tile by tile:
     each half as its own dot (no interleave, no split); bf16 dots join the two scaled halves against x's columns
     permuted to (0, 32, 1, 33, ...) by the wrapper. The nibble rewrite runs as inline PTX on four bytes at a time.
     Measured 14-23% faster than the int8 layout at 32 decode tokens, 3-10% in prefill (docs/benchmarks.md).
+    Where out % 128 == 0 the layout is also stored in 4 KB tiles (128 rows x 64 inputs, contiguous, ordered by
+    (row tile, 64-group); `quant.fp4_to_halves`), so a K step reads whole contiguous blocks; untiled, it read 32
+    bytes from each of 128 rows 2 KB apart, one DRAM page per row. H100, Flash experts: at 32 decode tokens
+    w13 1096 -> 683 us (42% -> 67% of copy bandwidth), w2 518 -> 329 us; at 1 token w13 100 -> 68 us; prefill
+    (bf16 dots) 16K tokens 19.7 -> 15.0 ms (docs/benchmarks.md, session 12). Tiling the E8M0 scales the same way
+    was measured too and reverted: faster at 32 tokens (w13 647 -> 574 us), slower at 1 (59 -> 70 us).
   * transpose_w=True (bf16 only): w is used as [E, in, out] (out[r] = x[r] @ w[g]), the VJP's dx.
 
 FP8 x FP8 dots (launch option mma="fp8", FP8/FP4 weights). The wrapper quantises x per row and 128-column block
