@@ -647,12 +647,15 @@ def test_fp4_kernel_layout_tiles():
     assert quant.fp4_tiled(h.shape) and not quant.fp4_tiled((2, 192, 64))
     blocks = np.asarray(h).reshape(2, 2 * 2, 128, 32)                               # contiguous 4 KB blocks
     for t, c in itertools.product(range(2), range(2)):
-        np.testing.assert_array_equal(blocks[:, 2 * t + c], np.asarray(flat)[:, 128 * t:128 * (t + 1), 32 * c:32 * (c + 1)])
+        np.testing.assert_array_equal(blocks[:, 2 * t + c],
+                                      np.asarray(flat)[:, 128 * t:128 * (t + 1), 32 * c:32 * (c + 1)])
     np.testing.assert_array_equal(np.asarray(quant.fp4_from_halves(h)), np.asarray(w))
     np.testing.assert_array_equal(np.asarray(quant.fp4_from_halves(flat, tiles=False)), np.asarray(w))
     s = jnp.asarray(rng.integers(110, 130, (2, 256, 4)), jnp.uint8).view(jnp.float8_e8m0fnu)
     np.testing.assert_array_equal(np.asarray(quant.dequant_fp4_weight(h, s, jnp.float32)),
                                   np.asarray(quant.dequant_fp4_weight(w, s, jnp.float32)))
+    with pytest.raises(ValueError, match="out % 128"):
+        quant.fp4_to_halves(w[:, :192], tiles=True)
 
 
 def test_gpu_kernel_fp4_tiles_launches():

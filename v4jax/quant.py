@@ -216,6 +216,8 @@ def _tile_rows(b, tiles: bool):
     rows 128t .. 128t + 127 and bytes 32c .. 32c + 31 (one 64-input group) is contiguous, blocks ordered (t, c)."""
     *lead, O, n = b.shape
     R = FP4_TILE_ROWS
+    if O % R:
+        raise ValueError(f"FP4 kernel-layout tiles need out % {R} == 0, got a weight {tuple(b.shape)}")
     if tiles:
         return b.reshape(*lead, O // R, R, n // 32, 32).swapaxes(-3, -2).reshape(*lead, O, n)
     return b.reshape(*lead, O // R, n // 32, R, 32).swapaxes(-3, -2).reshape(*lead, O, n)
