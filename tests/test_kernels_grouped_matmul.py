@@ -369,11 +369,6 @@ def test_decode_split_k_rule():
     assert gpu.decode_split_k(6, 256, 2048, 96 * 128, **flash) == 6       # 96 steps: 6 is the first to reach 528
     assert gpu.decode_split_k(6, 256, 2048, 5 * 128, **flash) == 1        # 5 steps: no divisor <= 2.5
     assert gpu.decode_split_k(0, 256, 2048, 4096, **flash) == 1
-    # the tiled FP4 kernel layout's target (DECODE_WAVES_TILED, 2 per SM): one wave at one token
-    tiled = dict(block_n=128, block_k=128, waves=gpu.DECODE_WAVES_TILED)
-    assert gpu.decode_split_k(6, 256, 4096, 4096, **tiled) == 2           # w13: 384 programs x 16 steps
-    assert gpu.decode_split_k(6, 256, 4096, 2048, **tiled) == 2           # w2: 384 programs x 8 steps
-    assert gpu.decode_split_k(24, 256, 4096, 4096, **tiled) == 1          # 4 tokens: no split
     # the fp32 partials (8 s N O bytes, written + read) stay within half the weight bytes read
     assert gpu.decode_split_k(4000, 2, 2048, 4096, w_bytes=gpu.W_BYTES["fp4"], **flash) == 1
     assert gpu.decode_split_k(30, 2, 2048, 4096, w_bytes=gpu.W_BYTES["fp4"], **flash) == 8     # not 16: the cap

@@ -150,11 +150,6 @@ MMA_AUTO_FORMATS = ("fp4",)      # formats for which x_fp8=True picks mma="fp8" 
 DECODE_ROWS_PER_GROUP = 16       # N / E below this takes DECODE_DEFAULTS
 SMS = 132                        # streaming multiprocessors (H100 SXM and H200)
 DECODE_WAVES = 4                 # decode_split_k's target: programs per SM
-# ... for FP4 in the tiled kernel layout: 2. Nsight Compute (H100, session 12): its decode launch holds 4 programs
-# per SM (103 registers), so the 4-per-SM target's split 4 at one token (768 programs) ran 1.45 waves; split 2
-# (384, one wave of longer programs) measured faster at 1 token (w13 61.8 -> 55.6 us, w2 46.9 -> 43.2 us;
-# scripts/probe_decode_split.py), and at 2-4 tokens this target's choice (1) is within 1-11% of the best
-DECODE_WAVES_TILED = 2
 W_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2, "fp4": 0.5 + 1 / 32}   # bytes read per weight (with scales)
 
 def decode_split_k(N: int, E: int, O: int, K: int, *, block_n: int, block_k: int, w_bytes: float = W_BYTES["fp4"],
@@ -603,18 +598,17 @@ def grouped_matmul(x, w, group_sizes, scale=None, *, transpose_w: bool = False, 
             halves and bk % 64):
         raise ValueError(f"grouped_matmul(gpu): in={K} has no usable block_k for {fmt} (block_k={block_k})")
     bm, bn = block_m, block_n
+    if split_k is None:
+        split_k = decode_split_k(N, E, O, K, block_n=bn, block_k=bk, w_bytes=W_BYTES[fmt]) if decode else 1
+    if not isinstance(split_k, int) or split_k < 1 or (K // bk) % split_k:
+        raise ValueError(f"grouped_matmul(gpu): split_k={split_k!r} does not divide the {K // bk} K steps "
+                         f"(in={K}, block_k={bk})")
     if fp4_tiles is None:
         from v4jax.quant import fp4_tiled
         fp4_tiles = halves and fp4_tiled(w.shape)
     if fp4_tiles and not (halves and O % 128 == 0):
         raise ValueError(f"grouped_matmul(gpu): fp4_tiles needs the halves FP4 layout (uint8) with out % 128 == 0 "
                          f"(got {w.dtype} {tuple(w.shape)})")
-    if split_k is None:
-        split_k = decode_split_k(N, E, O, K, block_n=bn, block_k=bk, w_bytes=W_BYTES[fmt],
-                                 waves=DECODE_WAVES_TILED if fp4_tiles else DECODE_WAVES) if decode else 1
-    if not isinstance(split_k, int) or split_k < 1 or (K // bk) % split_k:
-        raise ValueError(f"grouped_matmul(gpu): split_k={split_k!r} does not divide the {K // bk} K steps "
-                         f"(in={K}, block_k={bk})")
     meta = tile_map(group_sizes, N, bm)
     args = [meta, x, w.reshape(E, O * (K // 64), 32) if fp4_tiles else w]
     if fmt == "fp8":
