@@ -209,7 +209,7 @@ GROUPED_SHAPES = {"w1": (2048, 4096), "w2": (4096, 2048), "w13": (4096, 4096)}  
 
 
 def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=False, names=("w1", "w2"),
-                  model_only=False):
+                  model_only=False, model_splits=()):
     """FP4 experts at decode. Setup kept short for the GPU: each weight [E, O, K] is generated and quantised once
     (on the device) and passed to every variant as a jit ARGUMENT (not a closed-over constant); one jit per variant
     runs the kernel on REPS distinct routings (the same kernel, compiled once) and returns the first output for the
@@ -243,7 +243,9 @@ def sweep_grouped(log, bw, quick, tokens=(1, 8, 32), max_total_s=1.0, mma_only=F
                                       block_k=gmg.DECODE_DEFAULTS["fp4"][2], w_bytes=gmg.W_BYTES["fp4"]) \
                 if N < gmg.DECODE_ROWS_PER_GROUP * E else 1
             cfgs = ([dict(x_fp8=True), dict(x_fp8=True, fp4_layout="halves"),   # the model's calls: int8, kernel
-                     dict(x_fp8=True, fp4_layout="untiled", fp4_tiles=False)]      # layout, and without tiles
+                     dict(x_fp8=True, fp4_layout="untiled", fp4_tiles=False)]      # layout, and without tiles;
+                    + [dict(x_fp8=True, fp4_layout="halves", split_k=sk) for sk in model_splits   # the kernel
+                       if (K // gmg.DECODE_MMA_DEFAULTS["fp4h"][2]) % sk == 0]   # layout's launch at given splits
                     if model_only
                     else grouped_configs(K, quick, auto, mma_only))                     # dots as before (A/B)
             log(f"experts {name} [{E}, {O}, {K}] FP4, batch {B} ({N} rows, {nbytes / 1e6:.1f} MB of touched "
@@ -290,7 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,2,4,32", help="linear: rows M of x")
     ap.add_argument("--grouped-shapes", default="w1,w2", help=f"grouped: of {','.join(GROUPED_SHAPES)}")
     ap.add_argument("--grouped-model", action="store_true",
-                    help="grouped: only the model's calls (x_fp8, both FP4 layouts, automatic launch)")
+                    help="grouped: only the model's calls (x_fp8, the FP4 layouts, automatic launch); with --splits "
+                         "also the kernel layout's launch at each split_k")
     ap.add_argument("--linear-shapes", default=",".join(LINEAR_SHAPES),
                     help=f"linear: weights among {','.join(LINEAR_SHAPES)}")
     args = ap.parse_args(argv)
@@ -312,7 +315,8 @@ def main(argv=None) -> int:
         tokens = tuple(int(v) for v in args.tokens.split(","))
         best.update({f"experts {k}": v for k, v in
                      sweep_grouped(log, bw, args.quick, tokens, args.max_total_s, args.mma_only,
-                                   tuple(args.grouped_shapes.split(",")), args.grouped_model).items()})
+                                   tuple(args.grouped_shapes.split(",")), args.grouped_model,
+                                   GROUPED_SPLITS if args.splits else ()).items()})
     log("best:")
     for k, (t, tag) in best.items():
         log(f"  {k}: {t * 1e6:.1f} us  {tag}")
